@@ -1,0 +1,43 @@
+"""lorakit: LoRA fine-tuning for PyTorch, drop-in compatible with Hugging Face PEFT's LoRA.
+
+``from lorakit import LoraConfig, get_peft_model, PeftModel, TaskType`` replaces the same names from ``peft``.
+"""
+
+from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from .layers import LoraLayer, register_layer_type
+from .mapping import get_peft_model, inject_adapter_in_model
+from .model.lora_model import LoraModel
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrowConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LoraRuntimeConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model",
+    "inject_adapter_in_model",
+    "register_layer_type",
+]

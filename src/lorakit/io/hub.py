@@ -1,0 +1,77 @@
+"""Resolve a local folder or a Hugging Face Hub id to a local file, through huggingface_hub (cache, offline mode)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def resolve_file(
+    path_or_id: str | os.PathLike,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    required: bool = True,
+    **hub_kwargs: Any,
+) -> Path | None:
+    """Return the local path of ``filename`` in a folder or a Hub repo, or None if absent and not ``required``.
+
+    A local directory is used as is. Anything else is treated as a Hub repo id and fetched through
+    ``huggingface_hub.hf_hub_download``, which honours ``cache_dir``, ``local_files_only`` and ``HF_HUB_OFFLINE``.
+    """
+    local = Path(path_or_id)
+    if subfolder:
+        local = local / subfolder
+    if local.is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if required:
+            present = sorted(p.name for p in local.iterdir())
+            raise FileNotFoundError(f"No {filename} in {str(local)!r}; the folder holds: {present or 'nothing'}.")
+        return None
+    if Path(path_or_id).exists() and not Path(path_or_id).is_dir():
+        raise FileNotFoundError(f"{str(path_or_id)!r} is a file; expected an adapter folder or a Hub repo id.")
+    return _hub_download(str(path_or_id), filename, subfolder, revision, required, hub_kwargs)
+
+
+def _hub_download(
+    repo_id: str, filename: str, subfolder: str | None, revision: str | None, required: bool, hub_kwargs: dict
+) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    allowed = {"cache_dir", "local_files_only", "token", "force_download", "proxies", "repo_type"}
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
+    try:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=revision, **kwargs))
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(
+                f"{filename} not found in Hub repo {repo_id!r} (subfolder={subfolder!r})."
+            ) from None
+        return None
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither an existing local folder nor a valid Hub repo id ({err})."
+        ) from None
+    except (LocalEntryNotFoundError, OSError) as err:
+        if not required and isinstance(err, LocalEntryNotFoundError) and _repo_cached(repo_id, kwargs):
+            return None
+        raise FileNotFoundError(
+            f"Could not resolve {filename} for {repo_id!r}: not a local folder, and not available from the Hub "
+            f"cache or network ({type(err).__name__}: {err})."
+        ) from None
+
+
+def _repo_cached(repo_id: str, kwargs: dict) -> bool:
+    """True when some snapshot of ``repo_id`` is in the cache (so a missing optional file is really missing)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir(kwargs.get("cache_dir"))
+    except Exception:
+        return False
+    return any(repo.repo_id == repo_id for repo in info.repos)

@@ -1,0 +1,431 @@
+"""LoraLayer: wraps an original module as ``base_layer`` and adds named low-rank adapters to its output.
+
+Layer types (Linear, Embedding, Conv) only say how their factors are shaped and applied; adapter bookkeeping,
+initialisation, merging and trainability live here once. The delta math itself lives in ``lorakit.delta``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..delta import delta_matrix
+from ..init import InitRequest, run_init
+from ..routing import current_routing
+from .record import AdapterRecord
+
+if TYPE_CHECKING:
+    from ..config import LoraConfig
+    from ..routing import BatchRouting
+
+
+class _ScalingView(Mapping):
+    """PEFT-style ``layer.scaling[name]`` view over the records; assignment rescales the record."""
+
+    def __init__(self, records: dict[str, AdapterRecord]) -> None:
+        self._records = records
+
+    def __getitem__(self, key: str) -> float:
+        return self._records[key].scaling
+
+    def __setitem__(self, key: str, value: float) -> None:
+        rec = self._records[key]
+        rec.scale = value / rec.base_scaling
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class LoraLayer(nn.Module):
+    """Base of every LoRA layer type. Subclasses implement the five ``_factor*`` / ``_weight*`` / ``_lora_term``
+    hooks; everything else (records, init, merge stack, enable/disable, trainability) is shared."""
+
+    layer_kind: ClassVar[str] = "linear"
+    adapter_layer_names: ClassVar[tuple[str, ...]] = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.adapters: dict[str, AdapterRecord] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapters: list[str] = []
+
+    # ------------------------------------------------------------------ hooks for layer types
+    def _create_factors(self, name: str, record: AdapterRecord) -> None:
+        """Create the adapter's A and B (float32, CPU or meta) under PEFT's attribute names."""
+        raise NotImplementedError
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factor parameters (A, B) as stored."""
+        raise NotImplementedError
+
+    def _factors_2d(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, in), B (out, r)) as matrix views of the stored factors."""
+        a, b = self._factors(name)
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+    def _weight_to_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        """Base weight in its own layout -> (out, in)."""
+        return weight
+
+    def _weight_from_2d(self, matrix: torch.Tensor) -> torch.Tensor:
+        """(out, in) -> the base weight's layout."""
+        return matrix
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive output s * B(A(dropout(x))), shaped like the base output."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ PEFT-compatible views
+    @property
+    def r(self) -> dict[str, int]:
+        return {n: rec.r for n, rec in self.adapters.items()}
+
+    @property
+    def lora_alpha(self) -> dict[str, float]:
+        return {n: rec.lora_alpha for n, rec in self.adapters.items()}
+
+    @property
+    def scaling(self) -> _ScalingView:
+        return _ScalingView(self.adapters)
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        return {n: rec.variant is not None and rec.variant.name == "dora" for n, rec in self.adapters.items()}
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        return {n: rec.lora_bias for n, rec in self.adapters.items()}
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, LoraLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        config: LoraConfig,
+        *,
+        module_name: str = "",
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add (or replace) adapter ``adapter_name`` with rank ``r`` on this layer and initialise it."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {r!r} for layer {module_name or self}.")
+        record = AdapterRecord(
+            r=r,
+            lora_alpha=lora_alpha,
+            use_rslora=config.use_rslora,
+            lora_bias=config.lora_bias,
+            dropout=float(config.lora_dropout),
+        )
+        self._check_supported(adapter_name, record, config, module_name)
+        self.adapters[adapter_name] = record
+        self.lora_dropout[adapter_name] = nn.Dropout(p=record.dropout) if record.dropout > 0 else nn.Identity()
+        if low_cpu_mem_usage:
+            with torch.device("meta"):
+                self._create_factors(adapter_name, record)
+        else:
+            self._create_factors(adapter_name, record)
+            self._initialise(adapter_name, config, module_name)
+        self._move_adapter(adapter_name, autocast_adapter_dtype)
+        record.variant = self._resolve_variant(config)
+        if record.variant is not None and not low_cpu_mem_usage:
+            record.variant.init(self, adapter_name)
+        if not self._active_adapters:
+            self._active_adapters = [adapter_name]
+        self.set_adapter(self._active_adapters)
+
+    def _check_supported(self, adapter_name: str, record: AdapterRecord, config: LoraConfig, module_name: str) -> None:
+        """Layer types reject settings they cannot honour (e.g. lora_bias on an Embedding)."""
+
+    def _resolve_variant(self, config: LoraConfig):
+        from ..variants import resolve_variant
+
+        return resolve_variant(self, config)
+
+    def _initialise(self, name: str, config: LoraConfig, module_name: str, generator=None) -> None:
+        """Run the registered init method for ``config.init_lora_weights`` and write its results."""
+        record = self.adapters[name]
+        a2d, b2d = self._factors_2d(name)
+        request = InitRequest(
+            layer_kind=self.layer_kind,
+            module_name=module_name,
+            rank=record.r,
+            scaling=record.scaling,
+            a_shape=tuple(a2d.shape),
+            b_shape=tuple(b2d.shape),
+            config=config,
+            adapter_name=name,
+            base_weight=self.base_weight_2d,
+            generator=generator,
+            layer=self,
+        )
+        result = run_init(request)
+        self.set_factors_2d(name, result.lora_a, result.lora_b)
+        if result.base_weight is not None:
+            self.write_base_weight_2d(result.base_weight)
+        if result.scaling is not None:
+            record.scale = result.scaling / record.base_scaling
+
+    def set_factors_2d(self, name: str, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None) -> None:
+        """Copy 2-D values into A (r, in) and B (out, r); None leaves a factor as it is."""
+        a, b = self._factors(name)
+        with torch.no_grad():
+            if lora_a is not None:
+                a.copy_(lora_a.reshape(a.shape).to(a.dtype))
+            if lora_b is not None:
+                b.copy_(lora_b.reshape(b.shape).to(b.dtype))
+
+    def base_weight_2d(self) -> torch.Tensor:
+        """A float32 (out, in) copy of the base weight (quantised layers override to dequantise)."""
+        return self._weight_to_2d(self.get_base_layer().weight.detach()).float().clone()
+
+    def write_base_weight_2d(self, matrix: torch.Tensor) -> None:
+        """Replace the base weight with a (out, in) matrix, cast to its dtype (quantised layers re-quantise)."""
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            weight.data = self._weight_from_2d(matrix).to(device=weight.device, dtype=weight.dtype).contiguous()
+
+    def _move_adapter(self, name: str, autocast_adapter_dtype: bool) -> None:
+        """Put the adapter on the base weight's device; float32 on fp16/bf16 bases when autocasting."""
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None or name not in container:
+                continue
+            item = container[name]
+            if any(p.is_meta for p in item.parameters()) if isinstance(item, nn.Module) else item.is_meta:
+                continue
+            if isinstance(item, nn.Module):
+                item.to(device=weight.device, dtype=dtype)
+            else:
+                item.data = item.data.to(device=weight.device, dtype=dtype)
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is not None and name in container:
+                item = container[name]
+                yield from item.parameters() if isinstance(item, nn.Module) else [item]
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Activate ``adapter_names`` (several add up); only active adapters require grad."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged and set(names) != set(self._active_adapters):
+            warnings.warn("Adapters were merged; unmerging before switching the active adapter.", stacklevel=2)
+            self.unmerge()
+        for name in self.adapters:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn all adapters of this layer on or off (off: base output; merged adapters are unmerged on forward)."""
+        self._disable_adapters = not enabled
+        if not enabled:
+            for name in self.adapters:
+                for param in self.adapter_parameters(name):
+                    param.requires_grad_(False)
+        else:
+            self.set_adapter(self._active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every trace of ``adapter_name``; if it was active, fall back to another adapter."""
+        if adapter_name not in self.adapters:
+            return
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting.")
+        for attr in (*self.adapter_layer_names, "lora_dropout"):
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        del self.adapters[adapter_name]
+        remaining = [n for n in self._active_adapters if n != adapter_name]
+        if not remaining and self.adapters:
+            remaining = [next(iter(self.adapters))]
+        self._active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    # runtime scaling, as PEFT's set_scale / scale_layer / unscale_layer
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.adapters:
+            self.adapters[adapter].scale = scale
+
+    def scale_layer(self, scale: float) -> None:
+        for name in self._active_adapters:
+            if name in self.adapters:
+                self.adapters[name].scale *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for name in self._active_adapters:
+            if name in self.adapters:
+                rec = self.adapters[name]
+                rec.scale = 1.0 if scale is None else rec.scale / scale
+
+    # ------------------------------------------------------------------ delta, merge, unmerge
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s * B @ A in the base weight's layout, float32."""
+        a2d, b2d = self._factors_2d(adapter_name)
+        return self._weight_from_2d(delta_matrix(a2d, b2d, self.adapters[adapter_name].scaling))
+
+    def _check_mergeable(self, adapter_name: str) -> None:
+        """Layer types raise here when their adapter cannot be folded into the base weight."""
+
+    def _merged_weight(self, name: str, weight32: torch.Tensor) -> torch.Tensor:
+        variant = self.adapters[name].variant
+        if variant is not None:
+            return variant.merged_weight(self, name, weight32)
+        return weight32 + self.get_delta_weight(name).to(weight32.device)
+
+    def _unmerged_weight(self, name: str, weight32: torch.Tensor) -> torch.Tensor:
+        variant = self.adapters[name].variant
+        if variant is not None:
+            return variant.unmerged_weight(self, name, weight32)
+        return weight32 - self.get_delta_weight(name).to(weight32.device)
+
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        """lora_B's bias times s when lora_bias is on (lora_B is a module with a bias), else None."""
+        if not self.adapters[name].lora_bias:
+            return None
+        return self.lora_B[name].bias.detach().float() * self.adapters[name].scaling
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters into the base weight (float32 math, cast back); safe_merge checks finiteness first."""
+        names = self._adapters_to_merge(adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            self._check_mergeable(name)
+            new_weight = self._merged_weight(name, base.weight.detach().float())
+            bias_delta = self._bias_delta(name)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if bias_delta is not None and base.bias is None:
+                raise ValueError(f"Adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
+            with torch.no_grad():
+                base.weight.data = new_weight.to(base.weight.dtype)
+                if bias_delta is not None:
+                    base.bias.data = (base.bias.float() + bias_delta).to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges in LIFO order; restores the original weights up to rounding."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                base.weight.data = self._unmerged_weight(name, base.weight.detach().float()).to(base.weight.dtype)
+                bias_delta = self._bias_delta(name)
+                if bias_delta is not None:
+                    base.bias.data = (base.bias.float() - bias_delta).to(base.bias.dtype)
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}.")
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.adapters]
+        pending = [n for n in names if n not in self.merged_adapters]
+        if names and not pending:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        elif len(pending) < len(names):
+            done = sorted(set(names) - set(pending))
+            warnings.warn(f"Already merged: {done}; merging only {pending}.", stacklevel=3)
+        return pending
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        routing = current_routing()
+        if routing is not None:
+            return self._forward_mixed(x, routing, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self._active_adapters:
+            record = self.adapters.get(name)
+            if record is None:
+                continue
+            if record.variant is not None:
+                result = record.variant.forward(self, name, x, result)
+            else:
+                result = result + self._lora_term(name, x).to(result.dtype)
+        return result
+
+    def _forward_mixed(self, x: torch.Tensor, routing: BatchRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed-adapter batch: each row gets its own adapter (or none). Reference path: one pass per adapter
+        over its rows; ``lorakit.kernels`` replaces this with gathered kernels where available."""
+        from ..mixed import mixed_forward
+
+        return mixed_forward(self, x, routing, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={rec.r}, alpha={rec.lora_alpha}" for n, rec in self.adapters.items())

@@ -1,0 +1,72 @@
+"""Which LoRA layer type wraps which module: an ordered table, first match wins, extensible by users.
+
+An entry is ``(name, matches(module, config) -> bool, build(module, config) -> LoraLayer)``.
+``register_layer_type`` puts custom entries in front of the built-in ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..config import LoraConfig
+from .base import LoraLayer
+from .conv import Conv
+from .embedding import Embedding
+from .linear import Linear
+
+
+@dataclass
+class LayerType:
+    name: str
+    matches: Callable[[nn.Module, LoraConfig], bool]
+    build: Callable[[nn.Module, LoraConfig], LoraLayer]
+
+
+def _is_conv1d_transformers(module: nn.Module, _config: LoraConfig) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _build_linear(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    if config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out=True does not apply to torch.nn.Linear; using False.", stacklevel=5)
+    return Linear(module, fan_in_fan_out=False)
+
+
+def _build_conv1d_transformers(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    config.fan_in_fan_out = True  # transformers' Conv1D stores (in, out); written back as PEFT does
+    return Linear(module, fan_in_fan_out=True)
+
+
+LAYER_TYPES: list[LayerType] = [
+    LayerType("embedding", lambda m, c: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
+    LayerType("conv", lambda m, c: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
+    LayerType("linear", lambda m, c: isinstance(m, nn.Linear), _build_linear),
+    LayerType("conv1d_transformers", _is_conv1d_transformers, _build_conv1d_transformers),
+]
+
+
+def register_layer_type(
+    name: str,
+    matches: Callable[[nn.Module, LoraConfig], bool],
+    build: Callable[[nn.Module, LoraConfig], LoraLayer],
+) -> None:
+    """Add a layer type ahead of the built-in ones (first match wins)."""
+    LAYER_TYPES.insert(0, LayerType(name, matches, build))
+
+
+def create_lora_layer(module: nn.Module, config: LoraConfig, module_name: str) -> LoraLayer:
+    """Wrap ``module`` with the first matching LoRA layer type; ValueError naming the supported types otherwise."""
+    for entry in LAYER_TYPES:
+        if entry.matches(module, config):
+            return entry.build(module, config)
+    raise ValueError(
+        f"Target module {module_name!r} of type {type(module).__name__} is not supported. LoRA supports: "
+        f"{', '.join(e.name for e in LAYER_TYPES)} (torch.nn.Linear, Embedding, Conv1d/2d/3d, transformers Conv1D); "
+        "register others with lorakit.layers.register_layer_type."
+    )

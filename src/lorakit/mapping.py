@@ -1,0 +1,48 @@
+"""get_peft_model: wrap a model with its first LoRA adapter."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .config import LoraConfig
+from .peft_model import PeftModel, peft_model_class
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Inject adapter ``adapter_name`` into ``model`` and return the task-specific PeftModel.
+
+    The model is modified in place (its targeted modules are replaced by LoRA layers).
+    """
+    if mixed:
+        raise ValueError("mixed=True (PeftMixedModel) is not supported by lorakit; all adapters here are LoRA.")
+    model_config = getattr(model, "config", None)
+    if peft_config.base_model_name_or_path is None:
+        peft_config.base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
+    if revision is not None:
+        peft_config.revision = revision
+    cls = peft_model_class(peft_config)
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
+
+
+def inject_adapter_in_model(
+    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> nn.Module:
+    """Add LoRA layers to ``model`` in place without a PeftModel wrapper; returns ``model``."""
+    from .model.inject import inject_lora
+
+    inject_lora(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model

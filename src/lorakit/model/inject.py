@@ -1,0 +1,101 @@
+"""Injection: find the modules a LoraConfig targets and wrap (or extend) them with LoRA layers."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch.nn as nn
+
+from ..config import LoraConfig
+from ..layers import LoraLayer, create_lora_layer
+from ..targeting import explain_no_match, is_target, rank_and_alpha, resolve_target_names, warn_unused_patterns
+from .modules_to_save import ModulesToSaveWrapper
+
+
+def split_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """named_modules() without the internals of LoRA layers and modules_to_save wrappers."""
+    out: list[tuple[str, nn.Module]] = []
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        out.append((name, module))
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            skip_prefixes.append(name + ".")
+    return out
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths to adapt; resolves None / 'all-linear' into config.target_modules first (as PEFT does)."""
+    config.target_modules = resolve_target_names(model, config)
+    modules = candidate_modules(model)
+    names = [name for name, _ in modules if name and is_target(config, name)]
+    if not names and not config.target_parameters:
+        raise ValueError(explain_no_match(config, [n for n, _ in modules]))
+    return names
+
+
+def inject_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    *,
+    low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = True,
+) -> list[str]:
+    """Add adapter ``adapter_name`` to every targeted module of ``model``; returns the adapted module paths."""
+    targets = find_targets(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        r, alpha = rank_and_alpha(config, name)
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            layer = create_lora_layer(module, config, name)
+        layer.update_layer(
+            adapter_name,
+            r,
+            alpha,
+            config,
+            module_name=name,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        if layer is not module:
+            parent, child = split_parent(model, name)
+            setattr(parent, child, layer)
+    warn_unused_patterns(config, targets)
+    return targets
+
+
+def wrap_modules_to_save(
+    model: nn.Module, names: list[str], adapter_name: str, *, auto_names: tuple[str, ...] = ()
+) -> list[str]:
+    """Wrap modules whose path is ``m`` or ends with ``.m`` for m in ``names``; warn about user names that match
+    nothing (``auto_names``, added by the task type, may be absent)."""
+    wrapped: list[str] = []
+    found: set[str] = set()
+    for name, module in candidate_modules(model):
+        hit = next((m for m in names if re.fullmatch(rf"(.*\.)?{re.escape(m)}", name)), None)
+        if hit is None or not name or any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, LoraLayer):
+            raise ValueError(f"Module {name!r} is both a LoRA target and in modules_to_save; pick one.")
+        found.add(hit)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        else:
+            parent, child = split_parent(model, name)
+            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrapped.append(name)
+    missing = [m for m in names if m not in found and m not in auto_names]
+    if missing:
+        warnings.warn(f"modules_to_save entries {missing} match no module of the model.", stacklevel=3)
+    return wrapped

@@ -1,0 +1,257 @@
+"""LoraModel: the user's model (``.model``) with LoRA layers injected, and the adapter lifecycle on it.
+
+``PeftModel.base_model`` is a LoraModel, which is why saved keys start with ``base_model.model.``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch.nn as nn
+
+from ..config import LoraConfig
+from ..layers import LoraLayer
+from .inject import inject_lora, split_parent, wrap_modules_to_save
+from .modules_to_save import ModulesToSaveWrapper
+from .trainable import mark_trainable
+
+
+class LoraModel(nn.Module):
+    prefix = "lora_"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig | dict[str, LoraConfig],
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        auto_modules_to_save: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active: list[str] = [adapter_name]
+        configs = config if isinstance(config, dict) else {adapter_name: config}
+        for name, cfg in configs.items():
+            self.inject_adapter(
+                name,
+                cfg,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                auto_modules_to_save=auto_modules_to_save,
+            )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ iteration helpers
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def inject_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        *,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        auto_modules_to_save: tuple[str, ...] = (),
+    ) -> None:
+        """Add adapter ``adapter_name`` (not activated unless it is the first one)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"Adapter name {adapter_name!r} already exists; existing adapters: {sorted(self.peft_config)}."
+            )
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("Only one adapter may set bias != 'none'; an existing adapter already trains biases.")
+        self._prepare_model(config)
+        self.peft_config[adapter_name] = config
+        try:
+            inject_lora(
+                self.model,
+                config,
+                adapter_name,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
+            wrap_modules_to_save(
+                self.model, list(config.modules_to_save or []), adapter_name, auto_names=auto_modules_to_save
+            )
+        except Exception:
+            del self.peft_config[adapter_name]
+            self._purge(adapter_name)
+            raise
+        self._apply_trainability()
+
+    def _prepare_model(self, config: LoraConfig) -> None:
+        """Model surgery a config asks for before injection (layer replication)."""
+        if config.layer_replication:
+            from ..replication import replicate_layers
+
+            replicate_layers(self.model, config.layer_replication)
+
+    def _purge(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer (used to roll back a failed injection)."""
+        for _, layer in list(self.lora_layers()):
+            layer.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+
+    def _apply_trainability(self) -> None:
+        mark_trainable(self.model, self.peft_config, self._active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or several (their outputs add up); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; existing adapters: {sorted(self.peft_config)}.")
+        self._active = names
+        self._apply_trainability()
+
+    def _set_layers_enabled(self, enabled: bool) -> None:
+        for _, layer in self.lora_layers():
+            layer.enable_adapters(enabled)
+        for wrapper in self._wrappers():
+            wrapper.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_layers_enabled(True)
+        self._apply_trainability()
+
+    def disable_adapter_layers(self) -> None:
+        for name in self._active:
+            if self.peft_config[name].bias != "none":
+                warnings.warn(
+                    f"Adapter {name!r} trains biases (bias={self.peft_config[name].bias!r}); disabling the adapter "
+                    "layers does not undo bias changes.",
+                    stacklevel=2,
+                )
+        self._set_layers_enabled(False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Base-model outputs inside the block; the previous state is restored even on exceptions."""
+        states = [(m, m.disable_adapters) for _, m in self.lora_layers()] + [
+            (w, w.disable_adapters) for w in self._wrappers()
+        ]
+        self._set_layers_enabled(False)
+        try:
+            yield
+        finally:
+            for module, was_disabled in states:
+                module.enable_adapters(not was_disabled)
+            self._apply_trainability()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every trace of an adapter; if it was active, another one becomes active."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}.")
+        merged_in = [n for n, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into {len(merged_in)} layers (e.g. {merged_in[0]}); "
+                "call unmerge_adapter() before deleting it."
+            )
+        del self.peft_config[adapter_name]
+        self._purge(adapter_name)
+        remaining = [n for n in self._active if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active = remaining
+        self._apply_trainability()
+
+    # ------------------------------------------------------------------ merging
+    def _check_merge_allowed(self) -> None:
+        for name in self._active:
+            if self.peft_config[name].layer_replication:
+                raise ValueError(
+                    f"Adapter {name!r} uses layer_replication: replicated layers share base weights, so merging "
+                    "would apply every copy's delta to all of them. Merging is refused."
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the given (default: active) adapters into the base weights; idempotent."""
+        self._check_merge_allowed()
+        names = self._validate_names(adapter_names)
+        for _, layer in self.lora_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _validate_names(self, adapter_names: list[str] | None) -> list[str]:
+        names = self._active if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; existing adapters: {sorted(self.peft_config)}.")
+        return names
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model (no LoRA modules left)."""
+        self._check_merge_allowed()
+        names = self._validate_names(adapter_names)
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=names)
+
+    def unload(self) -> nn.Module:
+        """Remove all LoRA modules without merging; returns the original base model."""
+        return self._unload(merge=False)
+
+    def _unload(
+        self,
+        merge: bool,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        layers = list(self.lora_layers())
+        iterator = layers
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for name, layer in iterator:
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            parent, child = split_parent(self.model, name)
+            setattr(parent, child, layer.get_base_layer())
+        keep = (adapter_names or self._active)[0] if merge else None
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, child = split_parent(self.model, name)
+                setattr(parent, child, module.unwrapped(keep))
+        return self.model

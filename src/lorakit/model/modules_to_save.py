@@ -1,0 +1,110 @@
+"""modules_to_save: whole modules (e.g. a classifier head) trained in full, one copy per adapter.
+
+The original module stays frozen as ``original_module``; each adapter owns a trainable copy in
+``modules_to_save[adapter_name]`` (PEFT's attribute names, so checkpoints match).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..routing import BASE_ADAPTER, current_routing
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Routes calls to the active adapter's copy of a module, or to the frozen original."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._current_module(), name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active_adapters[0] if self._active_adapters else None
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current_module().weight
+
+    def _current_module(self) -> nn.Module:
+        if self._disable_adapters or not self._active_adapters:
+            return self.original_module
+        return self.modules_to_save[self._active_adapters[0]]
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
+        new = copy.deepcopy(self.original_module)
+        for param in new.parameters():
+            param.requires_grad_(False)
+        self.modules_to_save[adapter_name] = new
+        for param in self.original_module.parameters():
+            param.requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [n for n in names if n in self.modules_to_save]
+        if len(names) > 1:
+            raise ValueError(
+                f"modules_to_save of {type(self.original_module).__name__} can only use one adapter at a time, got "
+                f"{names}."
+            )
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in names and not inference_mode)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        routing = current_routing()
+        if routing is None or self._disable_adapters:
+            return self._current_module()(x, *args, **kwargs)
+        return self._forward_mixed(x, routing, *args, **kwargs)
+
+    def _forward_mixed(self, x: torch.Tensor, routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through its adapter's copy (rows of unknown or base adapters through the original)."""
+        groups = routing.groups_on(x.device)
+        result = None
+        for name, rows in groups.items():
+            module = self.modules_to_save[name] if name in self.modules_to_save and name != BASE_ADAPTER else None
+            out = (module or self.original_module)(x.index_select(0, rows), *args, **kwargs)
+            if result is None:
+                result = out.new_zeros((x.shape[0], *out.shape[1:]))
+            result = result.index_copy(0, rows, out)
+        return result
+
+    def unwrapped(self, adapter_name: str | None = None) -> nn.Module:
+        """The module to keep on unload: the adapter's copy (merge) or the original."""
+        if adapter_name is not None and adapter_name in self.modules_to_save:
+            return self.modules_to_save[adapter_name]
+        return self.original_module

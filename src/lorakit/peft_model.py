@@ -1,0 +1,315 @@
+"""PeftModel: the user-facing wrapper, with PEFT's names (base_model, peft_config, save_pretrained, ...).
+
+Task subclasses differ only where behaviour differs: sequence classification adds its head to modules_to_save,
+causal LMs route ``adapter_names`` through ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import LoraConfig, TaskType
+from .model.lora_model import LoraModel
+from .routing import BASE_ADAPTER, route_batch
+
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. ``base_model`` is the LoraModel, ``get_base_model()`` the user's model."""
+
+    auto_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
+        self._add_auto_modules_to_save(peft_config)
+        self.base_model = LoraModel(
+            model,
+            peft_config,
+            adapter_name,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            auto_modules_to_save=self.auto_modules_to_save,
+        )
+        if getattr(model, "is_gradient_checkpointing", False):
+            self._enable_input_require_grads()
+
+    def _add_auto_modules_to_save(self, config: LoraConfig) -> None:
+        extra = [m for m in self.auto_modules_to_save if m not in (config.modules_to_save or [])]
+        if extra:
+            config.modules_to_save = [*(config.modules_to_save or []), *extra]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; 4-bit packed parameters count twice, as PEFT does."""
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel()
+            if param.__class__.__name__ == "Params4bit":
+                n *= 2
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------ forward and mixed batches
+    def _check_adapter_names(self, adapter_names: list[str], batch_size: int | None) -> None:
+        if self.training:
+            raise ValueError("adapter_names (mixed-adapter batches) only work in eval mode; call model.eval().")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names contains unknown adapters {unknown}; existing adapters: {sorted(self.peft_config)} "
+                f"(use {BASE_ADAPTER!r} for rows that should use the base model)."
+            )
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows; give one "
+                "name per row."
+            )
+        merged = [n for n, layer in self.base_model.lora_layers() if layer.merged]
+        if merged:
+            raise ValueError(
+                f"Cannot use adapter_names while adapters are merged (e.g. in {merged[0]}); unmerge first."
+            )
+        dora = sorted({n for n in adapter_names if n in self.peft_config and self.peft_config[n].use_dora})
+        if dora:
+            raise ValueError(f"Mixed-adapter batches do not support DoRA adapters; got {dora}.")
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("pixel_values")):
+            if isinstance(value, torch.Tensor):
+                return value.shape[0]
+        return None
+
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: list[str] | None, batch_size: int | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        self._check_adapter_names(list(adapter_names), batch_size)
+        with route_batch(list(adapter_names)):
+            yield
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, self._batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        names = adapter_names
+        if names is not None:
+            num_beams = int(kwargs.get("num_beams") or 1)
+            repeat = num_beams if num_beams > 1 else int(kwargs.get("num_return_sequences") or 1)
+            names = [n for n in names for _ in range(repeat)]
+        with self._routing(names, None):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ adapter lifecycle
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new, inactive adapter (activate it with set_adapter)."""
+        self._add_auto_modules_to_save(peft_config)
+        self.base_model.inject_adapter(
+            adapter_name,
+            peft_config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            auto_modules_to_save=self.auto_modules_to_save,
+        )
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        with self.base_model.disable_adapter():
+            yield
+
+    def _enable_input_require_grads(self) -> None:
+        """With a frozen base and reentrant checkpointing, the embeddings' output must require grad."""
+        base = self.get_base_model()
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write adapter_config.json + adapter_model.safetensors per adapter (``default`` at the root)."""
+        from .io.checkpoint import save_adapters
+
+        state_dicts = overrides = None
+        if path_initial_model_for_weight_conversion is not None:
+            from .init.conversion import converted_state_dicts
+
+            state_dicts, overrides = converted_state_dicts(
+                self, path_initial_model_for_weight_conversion, selected_adapters, save_embedding_layers
+            )
+        save_adapters(
+            self,
+            save_directory,
+            safe_serialization=safe_serialization,
+            selected_adapters=selected_adapters,
+            save_embedding_layers=save_embedding_layers,
+            is_main_process=is_main_process,
+            state_dicts=state_dicts,
+            config_overrides=overrides,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter (folder or Hub id) onto ``model``; frozen and in eval mode unless is_trainable."""
+        from .io.loading import load_peft_model
+
+        return load_peft_model(
+            cls,
+            model,
+            model_id,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            ephemeral_gpu_offload=ephemeral_gpu_offload,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            **kwargs,
+        )
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> tuple[list[str], list[str]]:
+        """Load another saved adapter into this model under ``adapter_name`` (inactive until set_adapter).
+
+        On any error the model is left exactly as it was."""
+        from .io.loading import load_adapter_into
+
+        return load_adapter_into(
+            self,
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            ephemeral_gpu_offload=ephemeral_gpu_offload,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            **kwargs,
+        )
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal LMs: generate() with KV cache and per-row adapters."""
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """The classification head (``classifier`` or ``score``) is trained and saved in full."""
+
+    auto_modules_to_save = SEQ_CLS_HEADS
+
+
+class PeftModelForTokenClassification(PeftModel):
+    auto_modules_to_save = SEQ_CLS_HEADS
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    auto_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def peft_model_class(config: LoraConfig) -> type[PeftModel]:
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)

@@ -1,0 +1,131 @@
+"""Which modules a LoraConfig targets: names, regexes, 'all-linear', exclusions and layer filters.
+
+Matching follows PEFT: a list entry matches a module path exactly or as a dotted suffix; a string is a regex that
+must match the whole path; exclusions use the same syntax; ``layers_to_transform`` filters on the first numbered
+path segment (or the one after ``layers_pattern``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from ..config import LoraConfig, TaskType
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear and transformers' Conv1D (imported lazily)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def matches_any(names: list[str] | str | None, key: str) -> bool:
+    """PEFT's name matching: regex full match for a string, exact or dotted suffix for a list."""
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def is_excluded(config: LoraConfig, key: str) -> bool:
+    """Excluded explicitly, or inside a module that is saved in full (modules_to_save)."""
+    if matches_any(config.exclude_modules, key):
+        return True
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in config.modules_to_save or [])
+
+
+def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    """Index of the layer that ``key`` lives in, or None."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
+            if match:
+                break
+    return int(match.group(1)) if match else None
+
+
+def in_selected_layers(config: LoraConfig, key: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    idx = layer_index(key, config.layers_pattern)
+    if idx is None:
+        return False
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def is_target(config: LoraConfig, key: str) -> bool:
+    """True when the module at path ``key`` (inside the user's model) should get a LoRA layer."""
+    if is_excluded(config, key) or config.target_modules is None:
+        return False
+    if not matches_any(config.target_modules, key):
+        return False
+    return isinstance(config.target_modules, str) or in_selected_layers(config, key)
+
+
+def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full paths of every linear layer except the output embedding (and the SEQ_CLS head), as PEFT 0.21."""
+    from ..layers.base import LoraLayer
+
+    excluded_ids: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    output_emb = get_out() if callable(get_out) else None
+    if output_emb is not None:
+        excluded_ids.add(id(output_emb))
+    elif config.task_type == TaskType.SEQ_CLS:
+        for head in SEQ_CLS_HEAD_NAMES:
+            if getattr(model, head, None) is not None:
+                excluded_ids.add(id(getattr(model, head)))
+                break
+    excluded_names = {n for n, m in model.named_modules() if id(m) in excluded_ids}
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            names.add(name)
+            excluded_names.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+        elif isinstance(module, linear_types()):
+            names.add(name)
+    return sorted(names - excluded_names)
+
+
+def resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+    """The effective target_modules: defaults for None, leaf names for 'all-linear', else as given."""
+    from .defaults import default_target_modules
+
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return expand_all_linear(model, config)
+    if targets is None and not config.target_parameters:
+        model_config = getattr(model, "config", None)
+        return default_target_modules(getattr(model_config, "model_type", None))
+    return targets
+
+
+def explain_no_match(config: LoraConfig, module_names: Iterable[str]) -> str:
+    """An error message naming what was requested and the model's module names that come closest."""
+    names = [n for n in module_names if n]
+    leaves = sorted({n.split(".")[-1] for n in names})
+    requested = config.target_modules
+    message = f"Target modules {requested!r} not found in the base model."
+    if isinstance(requested, list):
+        close = sorted({c for t in requested for c in difflib.get_close_matches(t.split(".")[-1], leaves, n=3)})
+        if close:
+            message += f" Did you mean: {', '.join(close)}?"
+    if config.layers_to_transform is not None:
+        message += f" (layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r})"
+    if config.exclude_modules:
+        message += f" (exclude_modules={config.exclude_modules!r})"
+    shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
+    return message + f" The model's module names are: {shown}."

@@ -1,0 +1,38 @@
+"""LoRA variants (DoRA, aLoRA, ...) as strategy objects, chosen per adapter from its config.
+
+Registry entries are ``(name, wants(config) -> bool, factory(layer, config) -> LoraVariant)``; first match wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import LoraConfig
+    from ..layers.base import LoraLayer
+    from ..layers.variant import LoraVariant
+
+VariantFactory = Callable[["LoraLayer", "LoraConfig"], "LoraVariant"]
+VARIANTS: list[tuple[str, Callable[[LoraConfig], bool], VariantFactory]] = []
+
+# Config settings that need a variant: name -> predicate. A setting with no registered variant is an error.
+REQUESTED_BY_CONFIG: dict[str, Callable[[LoraConfig], bool]] = {
+    "dora": lambda c: bool(c.use_dora),
+    "alora": lambda c: c.alora_invocation_tokens is not None,
+}
+
+
+def register_variant(name: str, wants: Callable[[LoraConfig], bool], factory: VariantFactory) -> None:
+    VARIANTS.insert(0, (name, wants, factory))
+
+
+def resolve_variant(layer: LoraLayer, config: LoraConfig) -> LoraVariant | None:
+    """The variant this adapter needs on ``layer``, or None for plain LoRA."""
+    for _name, wants, factory in VARIANTS:
+        if wants(config):
+            return factory(layer, config)
+    for name, wants in REQUESTED_BY_CONFIG.items():
+        if wants(config):
+            raise ValueError(f"The config asks for the {name!r} variant, which this lorakit build does not provide.")
+    return None
