@@ -83,9 +83,8 @@ def _config_extras(model: PeftModel, config: LoraConfig) -> dict[str, Any]:
     base = model.get_base_model()
     extras: dict[str, Any] = {}
     if config.base_model_name_or_path is None:
-        extras["base_model_name_or_path"] = getattr(getattr(base, "config", None), "name_or_path", None) or getattr(
-            base, "name_or_path", None
-        )
+        # models built from a config have name_or_path "", which is no model id: PEFT writes null then
+        extras["base_model_name_or_path"] = getattr(base, "name_or_path", None) or None
     if config.task_type is None:
         extras["auto_mapping"] = {
             "base_model_class": type(base).__name__,
