@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
