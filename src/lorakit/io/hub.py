@@ -58,7 +58,7 @@ def _hub_download(
             f"{repo_id!r} is neither an existing local folder nor a valid Hub repo id ({err})."
         ) from None
     except (LocalEntryNotFoundError, OSError) as err:
-        if not required and isinstance(err, LocalEntryNotFoundError) and _repo_cached(repo_id, kwargs):
+        if not required and isinstance(err, LocalEntryNotFoundError) and _repo_cached(repo_id, revision, kwargs):
             return None
         raise FileNotFoundError(
             f"Could not resolve {filename} for {repo_id!r}: not a local folder, and not available from the Hub "
@@ -66,12 +66,15 @@ def _hub_download(
         ) from None
 
 
-def _repo_cached(repo_id: str, kwargs: dict) -> bool:
-    """True when some snapshot of ``repo_id`` is in the cache (so a missing optional file is really missing)."""
-    try:
-        from huggingface_hub import scan_cache_dir
+def _repo_cached(repo_id: str, revision: str | None, kwargs: dict) -> bool:
+    """True when the snapshot of ``repo_id`` at ``revision`` is in the cache, so a missing optional file is really
+    missing (rather than not downloaded). Reads the documented cache layout: refs/<revision> -> snapshots/<commit>."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-        info = scan_cache_dir(kwargs.get("cache_dir"))
-    except Exception:
-        return False
-    return any(repo.repo_id == repo_id for repo in info.repos)
+    cache = Path(kwargs.get("cache_dir") or constants.HF_HUB_CACHE)
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type=kwargs.get("repo_type") or "model")
+    revision = revision or "main"
+    ref = storage / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    return (storage / "snapshots" / commit).is_dir()
