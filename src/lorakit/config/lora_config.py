@@ -123,6 +123,8 @@ class LoraConfig:
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        if self.peft_version is None:  # peft fills this at construction too, so configs compare equal after a reload
+            self.peft_version = PEFT_COMPAT_VERSION
 
     def _validate_type_and_task(self) -> None:
         peft_type = self.peft_type.value if isinstance(self.peft_type, PeftType) else self.peft_type
@@ -189,12 +191,20 @@ class LoraConfig:
             )
         if init == "loftq" and not self.loftq_config:
             raise ValueError("`init_lora_weights='loftq'` needs a `loftq_config` (e.g. LoftQConfig(loftq_bits=4)).")
-        if init == "eva" and self.eva_config is None:
-            warnings.warn("init_lora_weights='eva' without eva_config: using EvaConfig() defaults.", stacklevel=3)
-            self.eva_config = EvaConfig()
-        if init == "corda" and self.corda_config is None:
-            warnings.warn("init_lora_weights='corda' without corda_config: using CordaConfig() defaults.", stacklevel=3)
-            self.corda_config = CordaConfig()
+        if init != "loftq" and self.loftq_config:
+            warnings.warn(
+                f"loftq_config is ignored because init_lora_weights={init!r} (not 'loftq') and cleared (as in PEFT).",
+                stacklevel=3,
+            )
+            self.loftq_config = {}
+        for method, name, default in (("eva", "eva_config", EvaConfig), ("corda", "corda_config", CordaConfig)):
+            if init == method and getattr(self, name) is None:
+                warnings.warn(
+                    f"init_lora_weights={method!r} without {name}: using {default.__name__}() defaults.", stacklevel=3
+                )
+                setattr(self, name, default())
+            elif init != method and getattr(self, name) is not None:
+                warnings.warn(f"{name} is ignored because init_lora_weights={init!r} (not {method!r}).", stacklevel=3)
         if self.lora_bias and not isinstance(init, bool):
             raise ValueError(f"`lora_bias=True` only works with init_lora_weights True or False, got {init!r}.")
 
@@ -241,8 +251,10 @@ class LoraConfig:
             raise ValueError(
                 f"This adapter was made with peft_type={data['peft_type']!r}; lorakit only loads LoRA adapters."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name for f in dataclasses.fields(cls)} - {"runtime_config"}
+        if "runtime_config" in data:
+            warnings.warn("Ignoring runtime_config in adapter_config: it only applies at runtime.", stacklevel=2)
+        unknown = sorted(set(data) - known - {"runtime_config"})
         if unknown:
             warnings.warn(f"Ignoring unknown adapter_config keys: {unknown}.", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -251,12 +263,11 @@ class LoraConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
-        """Write ``adapter_config.json`` atomically; ``extra`` keys override fields in the written file."""
+        """Write ``adapter_config.json`` atomically, fields as they are (PeftModel.save_pretrained is what sets
+        ``inference_mode=True``); ``extra`` keys override fields in the written file."""
         from ..io.atomic import atomic_write_text
 
         data = self.to_dict()
-        data["inference_mode"] = True
-        data["peft_version"] = PEFT_COMPAT_VERSION
         data.update(extra)
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
