@@ -226,6 +226,10 @@ class LoraLayer(nn.Module):
             self.write_base_weight_2d(result.base_weight)
         if result.scaling is not None:
             record.scale = result.scaling / record.base_scaling
+        lora_b = getattr(self, "lora_B", None)
+        if record.lora_bias and config.init_lora_weights is not False and lora_b is not None:
+            with torch.no_grad():  # as PEFT: lora_B's bias starts at zero unless init is False, so init is a no-op
+                lora_b[name].bias.zero_()
 
     def set_factors_2d(self, name: str, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None) -> None:
         """Copy 2-D values into A (r, in) and B (out, r); None leaves a factor as it is."""
