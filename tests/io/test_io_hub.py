@@ -116,8 +116,10 @@ def test_unknown_repo_and_missing_weights_name_the_problem(tmp_path):
         lorakit.PeftModel.from_pretrained(base, REPO, cache_dir=cache)
     assert not any(isinstance(m, lorakit.LoraLayer) for m in base.modules())
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
-    with pytest.raises(FileNotFoundError, match="subfolder 'nope'|nope"):
+    with pytest.raises(FileNotFoundError, match="subfolder='nope'"):
         lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), REPO, subfolder="nope", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="revision='nope'.*no snapshot"):
+        lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), REPO, revision="nope", cache_dir=cache)
 
 
 def test_local_folder_with_subfolder(tmp_path):

@@ -45,25 +45,29 @@ def _hub_download(
 
     allowed = {"cache_dir", "local_files_only", "token", "force_download", "proxies", "repo_type"}
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
+    where = f"Hub repo {repo_id!r} (revision={revision or 'main'!r}, subfolder={subfolder!r})"
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=revision, **kwargs))
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(
-                f"{filename} not found in Hub repo {repo_id!r} (subfolder={subfolder!r})."
-            ) from None
-        return None
     except HFValidationError as err:
         raise FileNotFoundError(
             f"{repo_id!r} is neither an existing local folder nor a valid Hub repo id ({err})."
         ) from None
-    except (LocalEntryNotFoundError, OSError) as err:
-        if not required and isinstance(err, LocalEntryNotFoundError) and _repo_cached(repo_id, revision, kwargs):
-            return None
-        raise FileNotFoundError(
-            f"Could not resolve {filename} for {repo_id!r}: not a local folder, and not available from the Hub "
-            f"cache or network ({type(err).__name__}: {err})."
-        ) from None
+    except LocalEntryNotFoundError as err:
+        # offline or unreachable: the file is only really absent if the snapshot itself is cached
+        if not _repo_cached(repo_id, revision, kwargs):
+            raise FileNotFoundError(
+                f"Could not resolve {filename} for {where}: it is not a local folder, and the Hub cache holds no "
+                f"snapshot of it while the Hub is unreachable or offline mode is on ({err})."
+            ) from None
+        if required:
+            raise FileNotFoundError(f"{filename} not found in the cached snapshot of {where}.") from None
+        return None
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{filename} not found in {where}.") from None
+        return None
+    except OSError as err:  # repository or revision not found, network errors
+        raise FileNotFoundError(f"Could not resolve {filename} for {where}: {type(err).__name__}: {err}") from None
 
 
 def _repo_cached(repo_id: str, revision: str | None, kwargs: dict) -> bool:
