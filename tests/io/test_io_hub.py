@@ -118,7 +118,7 @@ def test_unknown_repo_and_missing_weights_name_the_problem(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     with pytest.raises(FileNotFoundError, match="subfolder='nope'"):
         lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), REPO, subfolder="nope", cache_dir=cache)
-    with pytest.raises(FileNotFoundError, match="revision='nope'.*no snapshot"):
+    with pytest.raises(FileNotFoundError, match=r"revision='nope'.*no snapshot"):
         lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), REPO, revision="nope", cache_dir=cache)
 
 
