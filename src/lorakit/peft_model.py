@@ -11,12 +11,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from .config import LoraConfig, TaskType
+from .integrations.checkpointing import enable_checkpointing, is_checkpointing, require_input_grads
+from .mixed import batch_size_of, check_adapter_names
 from .model.lora_model import LoraModel
-from .routing import BASE_ADAPTER, route_batch
+from .routing import route_batch
 
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -46,7 +47,7 @@ class PeftModel(nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype,
             auto_modules_to_save=self.auto_modules_to_save,
         )
-        if getattr(model, "is_gradient_checkpointing", False):
+        if is_checkpointing(model):
             self._enable_input_require_grads()
 
     def _add_auto_modules_to_save(self, config: LoraConfig) -> None:
@@ -102,57 +103,37 @@ class PeftModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward and mixed batches
-    def _check_adapter_names(self, adapter_names: list[str], batch_size: int | None) -> None:
-        if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) only work in eval mode; call model.eval().")
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ValueError(
-                f"adapter_names contains unknown adapters {unknown}; existing adapters: {sorted(self.peft_config)} "
-                f"(use {BASE_ADAPTER!r} for rows that should use the base model)."
-            )
-        if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows; give one "
-                "name per row."
-            )
-        merged = [n for n, layer in self.base_model.lora_layers() if layer.merged]
-        if merged:
-            raise ValueError(
-                f"Cannot use adapter_names while adapters are merged (e.g. in {merged[0]}); unmerge first."
-            )
-        dora = sorted({n for n in adapter_names if n in self.peft_config and self.peft_config[n].use_dora})
-        if dora:
-            raise ValueError(f"Mixed-adapter batches do not support DoRA adapters; got {dora}.")
-
-    @staticmethod
-    def _batch_size(args: tuple, kwargs: dict) -> int | None:
-        for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("pixel_values")):
-            if isinstance(value, torch.Tensor):
-                return value.shape[0]
-        return None
-
-    @contextlib.contextmanager
-    def _routing(self, adapter_names: list[str] | None, batch_size: int | None) -> Iterator[None]:
-        if adapter_names is None:
-            yield
-            return
-        self._check_adapter_names(list(adapter_names), batch_size)
-        with route_batch(list(adapter_names)):
-            yield
-
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        with self._routing(adapter_names, self._batch_size(args, kwargs)):
+        """The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters in the
+        batch (eval mode only; see ``lorakit.mixed``)."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with route_batch(names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        names = adapter_names
-        if names is not None:
-            num_beams = int(kwargs.get("num_beams") or 1)
-            repeat = num_beams if num_beams > 1 else int(kwargs.get("num_return_sequences") or 1)
-            names = [n for n in names for _ in range(repeat)]
-        with self._routing(names, None):
-            return self.get_base_model().generate(*args, **kwargs)
+        """The base model's generate (KV cache, beams, sampling); ``adapter_names`` has one name per prompt and is
+        repeated per beam / return sequence automatically."""
+        generate = self.get_base_model().generate
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with route_batch(names, expandable=True):
+            return generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The base model's activation checkpointing, plus the input-grad hook a frozen base needs (reentrant)."""
+        enable_checkpointing(self.get_base_model(), activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Alias of ``activation_checkpointing_enable`` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ adapter lifecycle
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
@@ -178,9 +159,7 @@ class PeftModel(nn.Module):
 
     def _enable_input_require_grads(self) -> None:
         """With a frozen base and reentrant checkpointing, the embeddings' output must require grad."""
-        base = self.get_base_model()
-        if hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
+        require_input_grads(self.get_base_model())
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..routing import BASE_ADAPTER, current_routing
+from ..routing import BASE_ADAPTER, BatchRouting, current_routing
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -91,17 +91,29 @@ class ModulesToSaveWrapper(nn.Module):
             return self._current_module()(x, *args, **kwargs)
         return self._forward_mixed(x, routing, *args, **kwargs)
 
-    def _forward_mixed(self, x: torch.Tensor, routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row through its adapter's copy (rows of unknown or base adapters through the original)."""
-        groups = routing.groups_on(x.device)
+    def _forward_mixed(self, x: torch.Tensor, routing: BatchRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through its adapter's copy; rows of ``__base__`` or of adapters without a copy here go through
+        the original module.
+
+        Args:
+            x: (B, ...) input; B == len(routing), or a multiple of it for a generation routing
+        Returns:
+            (B, ...) the rows' outputs, in row order
+        """
+        routing = routing.for_batch(x.shape[0])
         result = None
-        for name, rows in groups.items():
-            module = self.modules_to_save[name] if name in self.modules_to_save and name != BASE_ADAPTER else None
-            out = (module or self.original_module)(x.index_select(0, rows), *args, **kwargs)
+        for name, rows in routing.groups_on(x.device).items():
+            copy_ = self.modules_to_save[name] if name != BASE_ADAPTER and name in self.modules_to_save else None
+            out = (copy_ if copy_ is not None else self.original_module)(x.index_select(0, rows), *args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"Mixed-adapter batches need modules_to_save modules that return a tensor; "
+                    f"{type(self.original_module).__name__} returned {type(out).__name__}."
+                )
             if result is None:
-                result = out.new_zeros((x.shape[0], *out.shape[1:]))
-            result = result.index_copy(0, rows, out)
-        return result
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result = result.index_copy(0, rows, out)  # every row is written exactly once
+        return result if result is not None else self.original_module(x, *args, **kwargs)
 
     def unwrapped(self, adapter_name: str | None = None) -> nn.Module:
         """The module to keep on unload: the adapter's copy (merge) or the original."""
