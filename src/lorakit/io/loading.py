@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 from ..config import LoraConfig
+from ..model.lora_model import restore_on_error
 from .checkpoint import HUB_KWARGS, load_adapter_weights, read_adapter_weights
 
 if TYPE_CHECKING:
@@ -52,18 +53,15 @@ def load_peft_model(
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
     tensors = read_adapter_weights(model_id, **hub)
     target_cls = peft_model_class(config) if cls is PeftModel else cls
-    peft_model = target_cls(
-        model,
-        config,
-        adapter_name,
-        autocast_adapter_dtype=autocast_adapter_dtype,
-        low_cpu_mem_usage=low_cpu_mem_usage,
-    )
-    try:
+    with restore_on_error(model):  # a failed load leaves the user's model as it was given
+        peft_model = target_cls(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         load_adapter_weights(peft_model, tensors, adapter_name, str(model_id))
-    except Exception:
-        peft_model.base_model.unload()
-        raise
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()
@@ -93,12 +91,9 @@ def load_adapter_into(
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
     tensors = read_adapter_weights(model_id, device=torch_device or "cpu", **hub)
     was_training = peft_model.training
-    peft_model.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-    try:
+    with peft_model.base_model.adding(adapter_name):  # all or nothing
+        peft_model.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         result = load_adapter_weights(peft_model, tensors, adapter_name, str(model_id))
-    except Exception:
-        peft_model.delete_adapter(adapter_name)
-        raise
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()

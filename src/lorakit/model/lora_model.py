@@ -19,6 +19,28 @@ from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
 
 
+@contextlib.contextmanager
+def restore_on_error(model: nn.Module) -> Iterator[None]:
+    """If the block raises, put back every submodule that was replaced (wrapped), the requires_grad flags and the
+    train/eval modes of ``model`` as they were on entry. Tensor values are not copied: callers only add modules."""
+    modules = dict(model.named_modules())
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in modules.values()]
+    try:
+        yield
+    except BaseException:
+        for name in sorted(modules, key=lambda n: n.count(".")):
+            parent_name, _, child = name.rpartition(".")
+            parent = modules.get(parent_name)
+            if name and parent is not None and parent._modules.get(child) is not modules[name]:
+                parent._modules[child] = modules[name]
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+        raise
+
+
 class LoraModel(nn.Module):
     prefix = "lora_"
 
@@ -94,9 +116,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter may set bias != 'none'; an existing adapter already trains biases.")
-        self._prepare_model(config)
-        self.peft_config[adapter_name] = config
-        try:
+        with self.adding(adapter_name):
+            self._prepare_model(config)
+            self.peft_config[adapter_name] = config
             inject_lora(
                 self.model,
                 config,
@@ -107,11 +129,21 @@ class LoraModel(nn.Module):
             wrap_modules_to_save(
                 self.model, list(config.modules_to_save or []), adapter_name, auto_names=auto_modules_to_save
             )
-        except Exception:
-            del self.peft_config[adapter_name]
-            self._purge(adapter_name)
-            raise
-        self._apply_trainability()
+            self._apply_trainability()
+
+    @contextlib.contextmanager
+    def adding(self, adapter_name: str) -> Iterator[None]:
+        """Add ``adapter_name`` inside the block all or nothing: if the block raises, the adapter is removed from
+        every layer and config, layers created for it are unwrapped again and grad flags and modes restored."""
+        existed = adapter_name in self.peft_config
+        with restore_on_error(self.model):
+            try:
+                yield
+            except BaseException:
+                if not existed:
+                    self.peft_config.pop(adapter_name, None)
+                    self._purge(adapter_name)
+                raise
 
     def _prepare_model(self, config: LoraConfig) -> None:
         """Model surgery a config asks for before injection (layer replication)."""
