@@ -34,12 +34,19 @@ def _is_conv1d_transformers(module: nn.Module, _config: LoraConfig) -> bool:
 
 def _build_linear(module: nn.Module, config: LoraConfig) -> LoraLayer:
     if config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out=True does not apply to torch.nn.Linear; using False.", stacklevel=5)
+        warnings.warn("fan_in_fan_out=True does not apply to torch.nn.Linear; setting it to False.", stacklevel=5)
+        config.fan_in_fan_out = False  # written back into the config, as PEFT does
     return Linear(module, fan_in_fan_out=False)
 
 
 def _build_conv1d_transformers(module: nn.Module, config: LoraConfig) -> LoraLayer:
-    config.fan_in_fan_out = True  # transformers' Conv1D stores (in, out); written back as PEFT does
+    if not config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out=False but the target is transformers' Conv1D (weight stored (in, out)); setting it to "
+            "True.",
+            stacklevel=5,
+        )
+        config.fan_in_fan_out = True  # written back into the config, as PEFT does
     return Linear(module, fan_in_fan_out=True)
 
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 
 import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer, create_lora_layer
-from ..targeting import explain_no_match, is_target, rank_and_alpha, resolve_target_names, warn_unused_patterns
+from ..targeting import (
+    explain_no_match,
+    is_target,
+    rank_and_alpha,
+    resolve_target_names,
+    unmatched_entries,
+    warn_unused_patterns,
+)
 from .modules_to_save import ModulesToSaveWrapper
 
 
@@ -32,13 +40,32 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+NOT_IMPLEMENTED_SETTINGS: dict[str, Callable[[LoraConfig], bool]] = {
+    "target_parameters": lambda c: bool(c.target_parameters),
+    "trainable_token_indices": lambda c: c.trainable_token_indices is not None,
+    "arrow_config": lambda c: c.arrow_config is not None,
+}
+"""Config settings lorakit reads and writes back but cannot apply yet; injecting such a config raises rather than
+silently training something else. A feature that lands removes its entry."""
+
+
+def check_settings_implemented(config: LoraConfig) -> None:
+    asked = [name for name, is_set in NOT_IMPLEMENTED_SETTINGS.items() if is_set(config)]
+    if asked:
+        values = ", ".join(f"{name}={getattr(config, name)!r}" for name in asked)
+        raise ValueError(f"lorakit cannot apply {values} yet; remove the setting(s) or use peft for this adapter.")
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths to adapt; resolves None / 'all-linear' into config.target_modules first (as PEFT does)."""
     config.target_modules = resolve_target_names(model, config)
     modules = candidate_modules(model)
     names = [name for name, _ in modules if name and is_target(config, name)]
-    if not names and not config.target_parameters:
-        raise ValueError(explain_no_match(config, [n for n, _ in modules]))
+    if not names:
+        raise ValueError(explain_no_match(config, modules))
+    missing = unmatched_entries(config, (n for n, _ in modules))
+    if missing:
+        warnings.warn(f"target_modules entries {missing} match no module of the model; they are ignored.", stacklevel=4)
     return names
 
 
@@ -51,6 +78,7 @@ def inject_lora(
     autocast_adapter_dtype: bool = True,
 ) -> list[str]:
     """Add adapter ``adapter_name`` to every targeted module of ``model``; returns the adapted module paths."""
+    check_settings_implemented(config)
     targets = find_targets(model, config)
     for name in targets:
         module = model.get_submodule(name)

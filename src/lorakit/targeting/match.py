@@ -113,19 +113,69 @@ def resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str] | st
     return targets
 
 
-def explain_no_match(config: LoraConfig, module_names: Iterable[str]) -> str:
-    """An error message naming what was requested and the model's module names that come closest."""
-    names = [n for n in module_names if n]
-    leaves = sorted({n.split(".")[-1] for n in names})
+def _adaptable(module: nn.Module, config: LoraConfig) -> bool:
+    """Whether some registered LoRA layer type can wrap ``module``."""
+    from ..layers.registry import LAYER_TYPES
+
+    return any(entry.matches(module, config) for entry in LAYER_TYPES)
+
+
+def _filters_that_removed(config: LoraConfig, matched: list[str]) -> list[str]:
+    """Which of exclude_modules / modules_to_save / layers_to_transform removed the ``matched`` paths."""
+    reasons = []
+    if any(matches_any(config.exclude_modules, n) for n in matched):
+        reasons.append(f"exclude_modules={config.exclude_modules!r}")
+    if any(is_excluded(config, n) and not matches_any(config.exclude_modules, n) for n in matched):
+        reasons.append(f"modules_to_save={config.modules_to_save!r} (modules saved in full are not adapted)")
+    if not isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        indices = sorted({i for i in (layer_index(n, config.layers_pattern) for n in matched) if i is not None})
+        where = f"layers_pattern={config.layers_pattern!r}" if config.layers_pattern else "the first numbered segment"
+        found = indices or "none"
+        reasons.append(f"layers_to_transform={config.layers_to_transform!r} (layer indices from {where}: {found})")
+    return reasons
+
+
+def unmatched_entries(config: LoraConfig, names: Iterable[str]) -> list[str]:
+    """Entries of a list target_modules that match no module path at all (typos, other architectures)."""
+    if not isinstance(config.target_modules, list):
+        return []
+    names = list(names)
+    return [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _regex_hint(pattern: str, adaptable_paths: list[str]) -> str:
+    partial = next((n for n in adaptable_paths if re.search(pattern, n)), None)
+    if partial is not None:
+        return (
+            f" The regex {pattern!r} matches only part of paths such as {partial!r}; a string target_modules must "
+            f"match the whole path (e.g. {'.*' + pattern!r}), or pass a list of names."
+        )
+    example = adaptable_paths[0] if adaptable_paths else ""
+    return f" A string target_modules is a regex that must match a whole module path, such as {example!r}."
+
+
+def explain_no_match(config: LoraConfig, modules: Iterable[tuple[str, nn.Module]]) -> str:
+    """An error message naming what was requested, why nothing was selected, and the closest module names.
+
+    ``modules`` are ``(path, module)`` pairs of the model (LoRA internals left out).
+    """
+    modules = [(n, m) for n, m in modules if n]
     requested = config.target_modules
+    matched = [n for n, _ in modules if matches_any(requested, n)]
+    if matched:
+        shown = ", ".join(matched[:3]) + (" ..." if len(matched) > 3 else "")
+        return (
+            f"Target modules {requested!r} match {len(matched)} module(s) ({shown}) but none is left after "
+            f"{'; '.join(_filters_that_removed(config, matched))}. Check these settings."
+        )
+    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m, config)})
     message = f"Target modules {requested!r} not found in the base model."
-    if isinstance(requested, list):
-        close = sorted({c for t in requested for c in difflib.get_close_matches(t.split(".")[-1], leaves, n=3)})
+    if isinstance(requested, str):
+        message += _regex_hint(requested, [n for n, m in modules if _adaptable(m, config)])
+    else:
+        wanted = list(requested or [])
+        close = sorted({c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], adaptable, n=3)})
         if close:
             message += f" Did you mean: {', '.join(close)}?"
-    if config.layers_to_transform is not None:
-        message += f" (layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r})"
-    if config.exclude_modules:
-        message += f" (exclude_modules={config.exclude_modules!r})"
-    shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
-    return message + f" The model's module names are: {shown}."
+    shown = ", ".join(adaptable[:40]) + (" ..." if len(adaptable) > 40 else "")
+    return message + f" Modules LoRA can wrap in this model: {shown or 'none'}."
