@@ -146,8 +146,9 @@ class PeftModel(nn.Module):
             auto_modules_to_save=self.auto_modules_to_save,
         )
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (outputs add up); they train unless ``inference_mode``."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
