@@ -162,14 +162,31 @@ class LoraModel(nn.Module):
     def _apply_trainability(self) -> None:
         mark_trainable(self.model, self.peft_config, self._active)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter or several (their outputs add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (their outputs add up). As in PEFT, the activated adapters become
+        trainable unless ``inference_mode`` (recorded in their configs); inactive adapters are frozen."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Adapter(s) {unknown} not found; existing adapters: {sorted(self.peft_config)}.")
+        if unknown or not names:
+            raise ValueError(f"Adapter(s) {unknown or names} not found; existing adapters: {sorted(self.peft_config)}.")
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
         self._active = names
         self._apply_trainability()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the given adapters' LoRA weights and modules_to_save copies on or off, leaving which
+        adapters are active as it is."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._validate_names(names)
+        for _, layer in self.lora_layers():
+            for name in names:
+                for param in layer.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
+        for wrapper in self._wrappers():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(requires_grad)
 
     def _set_layers_enabled(self, enabled: bool) -> None:
         for _, layer in self.lora_layers():
