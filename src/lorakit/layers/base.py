@@ -189,7 +189,7 @@ class LoraLayer(nn.Module):
             self._initialise(adapter_name, config, module_name)
         self._move_adapter(adapter_name, autocast_adapter_dtype)
         record.variant = self._resolve_variant(config)
-        if record.variant is not None and not low_cpu_mem_usage:
+        if record.variant is not None:  # on meta factors (low_cpu_mem_usage) it creates meta placeholders
             record.variant.init(self, adapter_name)
         if not self._active_adapters:
             self._active_adapters = [adapter_name]

@@ -18,7 +18,8 @@ class LoraVariant(Protocol):
     name: str
 
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
-        """Create the variant's extra parameters once A and B are initialised."""
+        """Create the variant's extra parameters once A and B are initialised (on the meta device when A and B
+        are meta, i.e. with low_cpu_mem_usage, so that loading a checkpoint can fill them)."""
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Return ``result`` (the output so far, same shape as the base output) with this adapter applied."""

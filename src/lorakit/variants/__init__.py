@@ -36,3 +36,7 @@ def resolve_variant(layer: LoraLayer, config: LoraConfig) -> LoraVariant | None:
         if wants(config):
             raise ValueError(f"The config asks for the {name!r} variant, which this lorakit build does not provide.")
     return None
+
+
+# Built-in variants register themselves on import (after the registry above exists).
+from . import dora as _dora  # noqa: E402, F401
