@@ -4,6 +4,8 @@
 """
 
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from .init.corda import preprocess_corda
+from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
@@ -37,7 +39,10 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "get_eva_state_dict",
     "get_peft_model",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "preprocess_corda",
     "register_layer_type",
 ]
