@@ -72,6 +72,12 @@ CASES = [
         "gpt2_3",
         dict(target_modules=["c_proj"], layers_to_transform=[1, 2], layers_pattern=["h"], r=2),
     ),
+    (
+        "exact_path_skips_layer_filter",
+        "llama",
+        dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1], r=2),
+    ),
+    ("layers_empty_list", "llama", dict(target_modules=["k_proj"], layers_to_transform=[], r=2)),
     ("exclude_list", "llama", dict(target_modules="all-linear", exclude_modules=["down_proj", "q_proj"], r=2)),
     ("exclude_regex", "llama", dict(target_modules=LLAMA_ALL, exclude_modules=r".*layers\.0\.mlp\..*", r=2)),
     ("modules_to_save_lm_head", "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"], r=2)),

@@ -80,13 +80,12 @@ def inject_lora(
     """Add adapter ``adapter_name`` to every targeted module of ``model``; returns the adapted module paths."""
     check_settings_implemented(config)
     targets = find_targets(model, config)
-    for name in targets:
-        module = model.get_submodule(name)
+    # Build every new layer before touching the model, so an unsupported module leaves the model as it was.
+    modules = {name: model.get_submodule(name) for name in targets}
+    layers = {n: m if isinstance(m, LoraLayer) else create_lora_layer(m, config, n) for n, m in modules.items()}
+    for name, layer in layers.items():
+        module = modules[name]
         r, alpha = rank_and_alpha(config, name)
-        if isinstance(module, LoraLayer):
-            layer = module
-        else:
-            layer = create_lora_layer(module, config, name)
         layer.update_layer(
             adapter_name,
             r,

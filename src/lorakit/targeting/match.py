@@ -2,7 +2,7 @@
 
 Matching follows PEFT: a list entry matches a module path exactly or as a dotted suffix; a string is a regex that
 must match the whole path; exclusions use the same syntax; ``layers_to_transform`` filters on the first numbered
-path segment (or the one after ``layers_pattern``).
+path segment (or the one after ``layers_pattern``), except for paths listed exactly.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def is_target(config: LoraConfig, key: str) -> bool:
         return False
     if not matches_any(config.target_modules, key):
         return False
-    return isinstance(config.target_modules, str) or in_selected_layers(config, key)
+    # as PEFT: the layer filter applies to suffix matches; a path listed exactly is always taken
+    return isinstance(config.target_modules, str) or key in config.target_modules or in_selected_layers(config, key)
 
 
 def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
