@@ -15,10 +15,11 @@ Backward, for an upstream gradient g (all sums over tokens):
     dL/d(s B A x') = k g      -> the usual low-rank gradients of A, B and x'
     dL/db      = -sum((k - 1) g)   where b entered explicitly (reuse, trainable bias)
 
-Only z is saved (besides the layer input x, which the low-rank gradient of A needs anyway, and the (N, r) product
-A x). The big products run in the base output's dtype with float32 accumulation, like torch.autocast, while A, B and
-m stay in their own (e.g. float32) dtype; k - 1 is formed in float32 before the cast so a magnitude close to the
-norm keeps its precision in bfloat16.
+Only z is saved (in the output dtype), besides the layer input x, which the low-rank gradient of A needs anyway,
+and the (N, r) product A x. The matmuls run in the base output's dtype with float32 accumulation, like
+torch.autocast, while A, B and m keep their own (e.g. float32) dtype. The output is formed in float32 and rounded
+once: rounding z first and scaling it by k afterwards would lose every |k - 1| below half a bfloat16 ulp (~0.2-0.4%),
+i.e. the magnitude's effect early in training.
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ def _autocast_off(device: torch.device) -> Iterator[None]:
         yield
 
 
-def scale_minus_one(magnitude: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """k - 1 = (m - n) / n in float32, cast to ``dtype``; shaped like ``magnitude``."""
-    m32 = magnitude.detach().float()
-    return ((m32 - norm) / norm).to(dtype)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -65,21 +65,26 @@ class DoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias):
         out_features = result.shape[-1]
         dtype = result.dtype
+        acc = accumulation_dtype(dtype)
         with _autocast_off(result.device):
             res2 = result.reshape(-1, out_features)
-            a = lora_a.to(dtype)
-            b_scaled = (lora_b * scaling).to(dtype)
-            km1 = scale_minus_one(magnitude, norm, dtype)
-            ax = x.reshape(-1, x.shape[-1]).to(dtype) @ a.T  # (N, in) @ (in, r) -> (N, r)
+            k = magnitude.detach().reshape(-1).to(acc) / norm.to(acc)  # (out,)
+            ax = x.reshape(-1, x.shape[-1]).to(dtype) @ lora_a.to(dtype).T  # (N, in) @ (in, r) -> (N, r)
+            lora = ax.to(acc) @ (lora_b.to(acc) * scaling).T  # s B A x: (N, r) @ (r, out) -> (N, out)
             if wx is None:
-                t = torch.addmm(res2, ax, b_scaled.T)  # result + s B A x: (N, r) @ (r, out) -> (N, out)
-                z = t if bias is None else t - bias.to(dtype)
-                y = torch.addcmul(t, z, km1)
+                z = lora.add_(res2)  # W x + b + s B A x
+                if bias is not None:
+                    z.sub_(bias.detach().to(acc))
+                y = torch.empty_like(res2)
+                if bias is None:
+                    torch.mul(z, k, out=y)  # one rounding, from float32
+                else:
+                    torch.addcmul(bias.detach().to(acc), z, k, out=y)
             else:
-                lora = ax @ b_scaled.T  # (N, out)
-                z = wx.reshape(-1, out_features) + lora
-                y = torch.addcmul(res2 + lora, z, km1)
-        ctx.save_for_backward(x, ax, lora_a, lora_b, z, km1, norm)
+                z = wx.reshape(-1, out_features).to(acc) + lora
+                y = torch.addcmul(lora.add_(res2), z, k - 1).to(dtype)  # result + s B A x' + (k - 1) z
+            z = z.to(dtype)
+        ctx.save_for_backward(x, ax, lora_a, lora_b, z, (k - 1).to(dtype), norm)
         ctx.scaling = scaling
         ctx.reuse = wx is None
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
@@ -101,12 +106,12 @@ class DoraLinearFunction(torch.autograd.Function):
                 grads[2] = (g * km1).reshape(grad_out.shape)
             if need[5]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[5] = ((g * z).sum(0, dtype=torch.float32) / norm).reshape(shape).to(mdtype)
+                grads[5] = ((g * z).sum(0, dtype=norm.dtype) / norm).reshape(shape).to(mdtype)
             if need[8] and ctx.reuse:
-                grads[8] = -(g * km1).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+                grads[8] = -(g * km1).sum(0, dtype=norm.dtype).to(ctx.bias_dtype)
             if need[4]:
                 # (out, N) @ (N, r) -> (out, r)
-                grads[4] = ((gk.T @ ax).float() * scaling).to(lora_b.dtype)
+                grads[4] = ((gk.T @ ax).to(norm.dtype) * scaling).to(lora_b.dtype)
             if need[0] or need[3]:
                 dax = gk @ (lora_b * scaling).to(dtype)  # (N, out) @ (out, r) -> (N, r)
                 x2 = x.reshape(-1, x.shape[-1])
@@ -133,16 +138,20 @@ class DoraScaleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, wx, lora, magnitude, norm, bias):
         dtype, lora_dtype = result.dtype, lora.dtype
+        acc = accumulation_dtype(dtype)
         with _autocast_off(result.device):
-            km1 = scale_minus_one(magnitude, norm, dtype)
-            lora = lora.to(dtype)
-            t = result + lora
+            k = magnitude.detach().to(acc) / norm.to(acc)
+            lora = lora.detach().to(acc)
             if wx is None:
-                z = t if bias is None else t - bias.to(dtype)
+                z = lora + result
+                if bias is not None:
+                    z = z - bias.detach().to(acc)
+                y = z * k if bias is None else torch.addcmul(bias.detach().to(acc), z, k)
             else:
-                z = wx.to(dtype) + lora
-            y = torch.addcmul(t, z, km1)
-        ctx.save_for_backward(z, km1, norm)
+                z = wx.to(acc) + lora
+                y = torch.addcmul(lora + result, z, k - 1)
+            y, z = y.to(dtype), z.to(dtype)
+        ctx.save_for_backward(z, (k - 1).to(dtype), norm)
         ctx.reuse = wx is None
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -165,8 +174,8 @@ class DoraScaleFunction(torch.autograd.Function):
                 grads[2] = gk.to(ctx.lora_dtype)
             if need[3]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[3] = ((g * z).float().sum_to_size(shape) / norm).to(mdtype)
+                grads[3] = ((g * z).to(norm.dtype).sum_to_size(shape) / norm).to(mdtype)
             if need[5] and ctx.reuse:
                 shape, bdtype = ctx.bias_meta
-                grads[5] = -(g * km1).float().sum_to_size(shape).to(bdtype)
+                grads[5] = -(g * km1).to(norm.dtype).sum_to_size(shape).to(bdtype)
         return tuple(grads)

@@ -26,17 +26,17 @@ def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         lora_b: (out, r)
         scaling: s
     Returns:
-        (out,) float32 on ``weight``'s device
+        (out,) float32 (float64 for a float64 weight) on ``weight``'s device
 
     ``W A^T`` runs in the weight's dtype (one read of W, float32 accumulation); its rounding enters the norm
     scaled by ||s B A|| / ||W||, far below the rounding of W itself. ||W||^2 is accumulated in float32.
     """
-    device = weight.device
-    a32 = lora_a.to(device=device, dtype=torch.float32)
-    b32 = lora_b.to(device=device, dtype=torch.float32)
-    squares = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()  # (out,)
+    device, acc = weight.device, torch.promote_types(weight.dtype, torch.float32)
+    a32 = lora_a.to(device=device, dtype=acc)
+    b32 = lora_b.to(device=device, dtype=acc)
+    squares = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()  # (out,)
     # (out, in) @ (in, r) -> (out, r): W's projection on the rows of A
-    proj = (weight @ a32.to(weight.dtype).T).float()
+    proj = (weight @ a32.to(weight.dtype).T).to(acc)
     cross = (proj * b32).sum(dim=1)  # <B_o, (W A^T)_o>
     gram = a32 @ a32.T  # (r, r)
     lora_sq = ((b32 @ gram) * b32).sum(dim=1)  # ||(B A)_o||^2
@@ -52,13 +52,13 @@ def weight_norm_reference(
 
     Same arguments and result as ``weight_norm``; also the norm that merging uses, where W + s B A is built anyway.
     """
-    device = weight.device
-    a32 = lora_a.to(device=device, dtype=torch.float32)
-    b32 = lora_b.to(device=device, dtype=torch.float32)
-    out = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
+    device, acc = weight.device, torch.promote_types(weight.dtype, torch.float32)
+    a32 = lora_a.to(device=device, dtype=acc)
+    b32 = lora_b.to(device=device, dtype=acc)
+    out = torch.empty(weight.shape[0], dtype=acc, device=device)
     for start in range(0, weight.shape[0], _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         # (rows, r) @ (r, in) -> (rows, in), added to W's rows
-        block = torch.addmm(weight[rows].float(), b32[rows], a32, alpha=scaling)
+        block = torch.addmm(weight[rows].to(acc), b32[rows], a32, alpha=scaling)
         out[rows] = torch.linalg.vector_norm(block, dim=1)
     return out
