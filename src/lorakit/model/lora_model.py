@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
@@ -242,65 +243,101 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def _check_merge_allowed(self) -> None:
-        for name in self._active:
-            if self.peft_config[name].layer_replication:
-                raise ValueError(
-                    f"Adapter {name!r} uses layer_replication: replicated layers share base weights, so merging "
-                    "would apply every copy's delta to all of them. Merging is refused."
-                )
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the given (default: active) adapters into the base weights; idempotent."""
-        self._check_merge_allowed()
-        names = self._validate_names(adapter_names)
-        for _, layer in self.lora_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=names)
-
-    def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
-            if layer.merged:
-                layer.unmerge()
+        replicated = [n for n, c in self.peft_config.items() if c.layer_replication]
+        if replicated:
+            raise ValueError(
+                f"Adapter {replicated[0]!r} uses layer_replication: replicated layers share base weights, so merging "
+                "would apply every copy's delta to all of them. Merging is refused."
+            )
 
     def _validate_names(self, adapter_names: list[str] | None) -> list[str]:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}; use [{adapter_names!r}].")
         names = self._active if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} not found; existing adapters: {sorted(self.peft_config)}.")
         return names
 
+    def _plan_merge(self, names: list[str], safe_merge: bool) -> list[tuple[str, LoraLayer, list[str]]]:
+        """(layer path, layer, adapters still to merge there) for every layer, checked before any weight changes:
+        a refused or broken merge raises here and leaves the model as it was."""
+        self._check_merge_allowed()
+        plan = []
+        for path, layer in self.lora_layers():
+            pending = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+            for name in pending:
+                layer._check_mergeable(name)
+            if pending and safe_merge:
+                _check_finite_merge(path, layer, pending)
+            plan.append((path, layer, pending))
+        return plan
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the given (default: active) adapters into the base weights, in float32 and cast back.
+
+        Idempotent: adapters already merged are skipped with a warning. With ``safe_merge`` every merged weight is
+        computed on a copy and checked for NaN/inf first; nothing is merged if any adapter is broken."""
+        plan = self._plan_merge(self._validate_names(adapter_names), safe_merge)
+        if not any(pending for _, _, pending in plan):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        for _, layer, pending in plan:
+            if pending:
+                layer.merge(adapter_names=pending)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge (last merged first); the base weights come back up to float rounding."""
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain base model (no LoRA modules left)."""
-        self._check_merge_allowed()
+        """Merge the given (default: active) adapters and return the plain base model: no LoRA module is left, and
+        modules_to_save are replaced by the first merged adapter's copy."""
         names = self._validate_names(adapter_names)
-        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=names)
+        plan = self._plan_merge(names, safe_merge)
+        return self._unload(plan, names, progressbar, "Unloading and merging model")
 
     def unload(self) -> nn.Module:
-        """Remove all LoRA modules without merging; returns the original base model."""
-        return self._unload(merge=False)
+        """Remove all LoRA modules without merging; returns the original base model (original modules_to_save)."""
+        plan = [(path, layer, []) for path, layer in self.lora_layers()]
+        return self._unload(plan, [], False, "Unloading model")
 
     def _unload(
-        self,
-        merge: bool,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
+        self, plan: list[tuple[str, LoraLayer, list[str]]], names: list[str], progressbar: bool, desc: str
     ) -> nn.Module:
-        layers = list(self.lora_layers())
-        iterator = layers
+        iterator = plan
         if progressbar:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
-        for name, layer in iterator:
-            if merge:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            parent, child = split_parent(self.model, name)
+            iterator = tqdm(plan, desc=desc)
+        for path, layer, pending in iterator:
+            if pending:
+                layer.merge(adapter_names=pending)
+            parent, child = split_parent(self.model, path)
             setattr(parent, child, layer.get_base_layer())
-        keep = (adapter_names or self._active)[0] if merge else None
-        for name, module in list(self.model.named_modules()):
+        for path, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
-                parent, child = split_parent(self.model, name)
+                parent, child = split_parent(self.model, path)
+                keep = next((n for n in names if n in module.modules_to_save), None)
                 setattr(parent, child, module.unwrapped(keep))
         return self.model
+
+
+def _check_finite_merge(path: str, layer: LoraLayer, pending: list[str]) -> None:
+    """Compute the merged weight of ``layer`` on a copy (float32, cast to the base dtype) and raise, naming the
+    adapter, if it holds NaN or inf."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach().float()
+    for name in pending:
+        weight = layer._merged_weight(name, weight)
+        bias = layer._bias_delta(name)
+        finite = torch.isfinite(weight.to(base.weight.dtype)).all() and (bias is None or torch.isfinite(bias).all())
+        if not finite:
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {name} seems to be broken (layer {path}); "
+                "nothing was merged."
+            )
