@@ -32,11 +32,24 @@ def _freeze_adapters(layer: LoraLayer) -> None:
             param.requires_grad_(False)
 
 
+def _managed_elsewhere(model: nn.Module) -> set[int]:
+    """Ids of parameters whose trainability LoRA layers (adapter weights) and modules_to_save wrappers (frozen
+    original, per-adapter copies) decide; bias='all' must not unfreeze them."""
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            ids.update(id(p) for name in module.adapters for p in module.adapter_parameters(name))
+        elif isinstance(module, ModulesToSaveWrapper):
+            ids.update(id(p) for p in module.parameters())
+    return ids
+
+
 def _unfreeze_biases(model: nn.Module, bias: str) -> None:
     """bias='all': every base bias; 'lora_only': biases of the layers LoRA wraps."""
     if bias == "all":
+        skip = _managed_elsewhere(model)
         for pname, param in model.named_parameters():
-            if pname.split(".")[-1] == "bias" and "lora_" not in pname:
+            if pname.rsplit(".", 1)[-1] == "bias" and id(param) not in skip:
                 param.requires_grad_(True)
     elif bias == "lora_only":
         for module in model.modules():
