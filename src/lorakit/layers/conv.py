@@ -35,8 +35,17 @@ class Conv(LoraLayer):
         base = self.get_base_layer()
         conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
+        # dilation and padding_mode follow the base so that the merged weight gives the same output as the adapter
+        # (PEFT passes neither: dilated convs then fail and padded borders differ after merging)
         self.lora_A[name] = conv(
-            self.in_features, record.r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
+            self.in_features,
+            record.r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            dilation=base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
         )
         self.lora_B[name] = conv(record.r, self.out_features, ones, ones, groups=base.groups, bias=record.lora_bias)
 
