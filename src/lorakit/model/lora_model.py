@@ -241,6 +241,19 @@ class LoraModel(nn.Module):
         self._active = remaining
         self._apply_trainability()
 
+    # ------------------------------------------------------------------ runtime scaling
+    def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
+        """Scaling of ``adapter_name`` becomes ``scale`` times alpha / r on every layer (refused while merged)."""
+        from ..helpers import set_adapter_scale
+
+        set_adapter_scale(self.model, adapter_name, scale)
+
+    def rescale_adapter_scale(self, multiplier: float) -> contextlib.AbstractContextManager[None]:
+        """Context manager: every adapter's scaling times ``multiplier`` inside the block (see lorakit.helpers)."""
+        from ..helpers import rescale_adapter_scale
+
+        return rescale_adapter_scale(self.model, multiplier)
+
     # ------------------------------------------------------------------ merging
     def _check_merge_allowed(self) -> None:
         replicated = [n for n, c in self.peft_config.items() if c.layer_replication]
