@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .kernels.mixed_dispatch import fast_mixed_forward
 from .routing import BASE_ADAPTER, BatchRouting
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ def _variant_routable(variant: Any) -> bool:
 
 
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Entry point: the vectorised path of ``lorakit.kernels`` where it applies (same semantics, no loop over
+    adapters), else ``reference_mixed_forward``. Shapes as there."""
+    routing = routing.for_batch(x.shape[0])
+    check_mixed_supported(layer, routing)
+    fast = fast_mixed_forward(layer, x, routing, args, kwargs)
+    return fast if fast is not None else reference_mixed_forward(layer, x, routing, *args, **kwargs)
+
+
+def reference_mixed_forward(
+    layer: LoraLayer, x: torch.Tensor, routing: BatchRouting, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """Base output for every row, plus each row's own adapter term. Rows are the first dimension of ``x``.
 
     Args:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
+from ..kernels.linear_dispatch import fast_term, fused_forward
 from .base import LoraLayer
 from .record import AdapterRecord
 
@@ -37,7 +40,16 @@ class Linear(LoraLayer):
     def _weight_from_2d(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The fused node of ``lorakit.kernels`` when it applies (one plain adapter on a plain nn.Linear; same
+        math), else the reference path of ``LoraLayer.forward``."""
+        fused = fused_forward(self, x, args, kwargs)
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
+
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        fast = fast_term(self, name, x)  # activation dtype, no float32 copy of x; None -> reference below
+        if fast is not None:
+            return fast
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
         # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)

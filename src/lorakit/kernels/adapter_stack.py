@@ -1,0 +1,140 @@
+"""Adapter weights prepared for the fast paths, cached per layer and rebuilt when anything they came from changes.
+
+Two caches, both keyed by what they were built from (parameter identity, in-place version and storage, scaling,
+dtype, device), so loading, deleting, re-initialising, training or rescaling an adapter invalidates them:
+
+* ``cast_factors``: one adapter's (A, B) cast to the activation dtype, for inference with float32 masters;
+* ``adapter_stack``: every plain adapter of a layer padded to one rank and stacked, with B pre-scaled, for
+  mixed-adapter batches (punica-style SGMV/BGMV, arXiv:2310.18547): A (S + 1, R, in), B (S + 1, out, R); the
+  last slot is all zeros and serves rows that use no adapter on this layer.
+
+``row_slots`` maps a batch routing to each row's slot, once per routing and layer set (one small host-to-device
+copy per model call, not per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..layers.base import LoraLayer
+    from ..routing import BatchRouting
+
+
+def _param_key(param: torch.Tensor) -> tuple[int, int, int]:
+    """Changes when the parameter is replaced, edited in place (optimizer steps, load_state_dict) or re-pointed."""
+    return id(param), param._version, param.data_ptr()
+
+
+def _factor_params(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def cast_factors(layer: LoraLayer, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapter ``name``'s (A (r, in), B (out, r)) in ``dtype``, detached; cached until the parameters change."""
+    a_param, b_param = _factor_params(layer, name)
+    if a_param.dtype == dtype and b_param.dtype == dtype:
+        return a_param.detach(), b_param.detach()
+    cache = layer.__dict__.setdefault("_lorakit_cast_cache", {})
+    key = (dtype, _param_key(a_param), _param_key(b_param))
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    a, b = a_param.detach().to(dtype), b_param.detach().to(dtype)
+    cache[name] = (key, a, b)
+    return a, b
+
+
+@dataclass
+class AdapterStack:
+    """A layer's plain adapters stacked for gathered kernels. Slot ``len(names)`` is the zero (base) slot.
+
+    a: (S + 1, R, in); b: (S + 1, out, R), each adapter's B multiplied by its scaling; R >= every rank (zero padded).
+    """
+
+    names: tuple[str, ...]
+    a: torch.Tensor
+    b: torch.Tensor
+    key: tuple = field(repr=False)
+    slot_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def zero_slot(self) -> int:
+        return len(self.names)
+
+
+def stackable(layer: LoraLayer, name: str) -> bool:
+    """Plain LoRA adapters only: variants (DoRA, ...) and lora_bias adapters take the reference path."""
+    record = layer.adapters.get(name)
+    return record is not None and record.variant is None and not record.lora_bias
+
+
+def _stack_key(layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+    parts: list[Any] = [dtype, device]
+    for name in names:
+        a_param, b_param = _factor_params(layer, name)
+        parts.append((name, _param_key(a_param), _param_key(b_param), layer.adapters[name].scaling))
+    return tuple(parts)
+
+
+def padded_rank(max_rank: int, device: torch.device) -> int:
+    """The stack's rank: on CUDA a power of two >= 16 (Triton's tl.dot tiles), elsewhere the largest rank."""
+    if device.type != "cuda":
+        return max_rank
+    return max(16, 1 << (max_rank - 1).bit_length())
+
+
+def adapter_stack(layer: LoraLayer, dtype: torch.dtype, device: torch.device) -> AdapterStack:
+    """The layer's stacked adapters in ``dtype`` on ``device``; rebuilt only when the key changes."""
+    names = tuple(n for n in layer.adapters if stackable(layer, n))
+    key = _stack_key(layer, names, dtype, device)
+    stack = layer.__dict__.get("_lorakit_stack")
+    if stack is not None and stack.key == key:
+        return stack
+    with torch.no_grad():
+        rank = padded_rank(max((layer.adapters[n].r for n in names), default=1), device)
+        a = torch.zeros(len(names) + 1, rank, layer.in_features, dtype=dtype, device=device)
+        b = torch.zeros(len(names) + 1, layer.out_features, rank, dtype=dtype, device=device)
+        for slot, name in enumerate(names):
+            a_param, b_param = _factor_params(layer, name)
+            r = a_param.shape[0]
+            a[slot, :r] = a_param.detach().to(device=device, dtype=dtype)
+            b[slot, :, :r] = (b_param.detach().float() * layer.adapters[name].scaling).to(device=device, dtype=dtype)
+    stack = AdapterStack(names, a, b, key, {n: i for i, n in enumerate(names)})
+    layer.__dict__["_lorakit_stack"] = stack
+    return stack
+
+
+_SLOT_CACHE: dict[int, tuple[BatchRouting, dict]] = {}
+_SLOT_CACHE_SIZE = 8
+
+
+def row_slots(routing: BatchRouting, stack: AdapterStack, device: torch.device) -> torch.Tensor:
+    """(rows,) long: each row's slot in ``stack`` (the zero slot for base rows and adapters not on this layer).
+
+    Cached per routing object and stack layout, so a model call copies it to the device once, not once per layer.
+    """
+    entry = _SLOT_CACHE.get(id(routing))
+    if entry is None or entry[0] is not routing:
+        if len(_SLOT_CACHE) >= _SLOT_CACHE_SIZE:
+            _SLOT_CACHE.pop(next(iter(_SLOT_CACHE)))
+        entry = (routing, {})
+        _SLOT_CACHE[id(routing)] = entry
+    key = (stack.names, device)
+    slots = entry[1].get(key)
+    if slots is None:
+        zero = stack.zero_slot
+        slots = torch.tensor([stack.slot_of.get(n, zero) for n in routing.adapter_names], device=device)
+        entry[1][key] = slots
+    return slots
+
+
+def clear_caches(model: torch.nn.Module) -> None:
+    """Drop every cached cast / stack in ``model`` (they rebuild on demand); frees their memory."""
+    for module in model.modules():
+        for attr in ("_lorakit_cast_cache", "_lorakit_stack", "_lorakit_mixed"):
+            module.__dict__.pop(attr, None)
+    _SLOT_CACHE.clear()

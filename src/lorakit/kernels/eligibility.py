@@ -1,0 +1,41 @@
+"""Capability checks shared by the fast paths: when may a fast path stand in for the readable one?
+
+A fast path computes the base layer itself (to fuse it with the adapter) and skips the adapter's submodules, so it
+only runs where doing so cannot change behaviour: a plain ``nn.Linear`` base with no hooks or patched forward, plain
+``nn.Linear`` factors, a dropout it knows, no autocast, matching dtypes and devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module_globals
+
+
+def global_hooks_present() -> bool:
+    """Global module hooks (``register_module_forward_hook``) would be skipped by a fused path."""
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Exactly ``nn.Linear`` (not a quantised subclass), without hooks or an instance-level forward (accelerate)."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def dropout_probability(module: nn.Module) -> float | None:
+    """The dropout the fast path must apply: 0.0 for Identity / eval-mode Dropout, p for a training Dropout,
+    None for anything else (a custom module: use the reference path)."""
+    if type(module) is nn.Identity:
+        return 0.0
+    if type(module) is nn.Dropout and not module._forward_hooks and not module._forward_pre_hooks:
+        return float(module.p) if module.training and module.p > 0 else 0.0
+    return None
+
+
+def autocast_active(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)

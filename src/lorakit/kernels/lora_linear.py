@@ -1,0 +1,187 @@
+"""Fused LoRA linear: y = x W^T + b + s * B A dropout(x), one autograd node, computed in the activation dtype.
+
+LoRA (arXiv:2106.09685). The reference (``reference_lora_linear``) is what the layer's readable path computes: the
+base output, then the adapter term in the adapter's dtype (float32 masters upcast x), then a scale pass and an add.
+The fast path (``fused_lora_linear``) differs only in where the work happens:
+
+* the adapter factors are cast to the activation dtype (float32 master weights stay the parameters; their grads
+  come back in float32), so both LoRA matmuls run on the tensor cores and no float32 copy of x is ever made;
+* the scale s is folded into the rank-r intermediate ``hs = s * dropout(x) A^T`` (N x r: r/out of the cost of
+  scaling the output), and the add into the base GEMM's epilogue: ``out = hs B^T (+ b)``, then
+  ``out.addmm_(x, W^T)`` accumulates the base product onto it (beta = 1), so the output is written once more
+  instead of three times;
+* backward is derived by hand and saves only x (which callers usually keep anyway), the bool dropout mask, the
+  N x r intermediate and the (tiny) cast factors. With g = dY B (N x r):
+
+      dX = dY W + s * (g A) * mask / (1 - p)     (accumulated the same way: (s g) A first, then .addmm_(dY, W))
+      dA = s * g^T dropout(x)                    (dropout(x) recomputed from x and the mask)
+      dB = dY^T hs                               (hs = s * dropout(x) A^T, saved)
+
+  The frozen base weight gets no gradient unless it requires one (then dW = dY^T x, db = sum dY).
+
+Shapes: x (N, in), W (out, in), b (out,), A (r, in), B (out, r), mask (N, in) bool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    p: float = 0.0,
+) -> torch.Tensor:
+    """The readable formula, as the layer's reference path computes it (x upcast to the factors' dtype).
+
+    Args:
+        x: (N, in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r)
+        dropout_mask: (N, in) bool keep-mask of the adapter dropout (None: no dropout)
+    Returns:
+        (N, out) in x's dtype
+    """
+    result = F.linear(x, weight, bias)
+    xd = x.to(lora_a.dtype)
+    if dropout_mask is not None:
+        xd = xd * dropout_mask / (1.0 - p)
+    # (N, in) @ (in, r) -> (N, r) @ (r, out) -> (N, out)
+    return result + (F.linear(F.linear(xd, lora_a), lora_b) * scaling).to(result.dtype)
+
+
+def _lora_plus_base(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hs: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """hs B^T (+ bias), then x W^T accumulated onto it by the base GEMM (beta = 1). hs: (N, r), b: (out, r)."""
+    out = torch.addmm(bias, hs, b.t()) if bias is not None else hs @ b.t()  # (N, r) @ (r, out) -> (N, out)
+    return out.addmm_(x, weight.t())  # + (N, in) @ (in, out)
+
+
+def lora_linear_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The fused forward without autograd bookkeeping (no dropout: inference). Factors already in x's dtype.
+
+    Args:
+        x: (N, in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r)
+    Returns:
+        (N, out) in x's dtype
+    """
+    hs = (x @ lora_a.t()).mul_(scaling)  # (N, r)
+    return _lora_plus_base(x, weight, bias, hs, lora_b)
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """One autograd node for base + LoRA; see the module docstring for the math and what is saved."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
+        need_dx, need_dw, _, need_da, need_db = ctx.needs_input_grad[:5]
+        a = lora_a.to(x.dtype)  # (r, in)
+        b = lora_b.to(x.dtype)  # (out, r)
+        mask = None
+        xd = x
+        if p > 0.0:
+            xd, mask = torch.native_dropout(x, p, True)
+        hs = (xd @ a.t()).mul_(scaling)  # (N, r) = s * dropout(x) A^T
+        out = _lora_plus_base(x, weight, bias, hs, b)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(
+            x if (need_da or need_dw) else None,
+            mask,
+            weight if need_dx else None,
+            a if need_dx else None,
+            b if (need_dx or need_da) else None,
+            hs if need_db else None,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x, mask, weight, a, b, hs = ctx.saved_tensors
+        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        dy = grad_out.contiguous()  # (N, out)
+        s, p = ctx.scaling, ctx.p
+        gs = (dy @ b).mul_(s) if (need_dx or need_da) else None  # (N, r) = s * dY B
+        dx = dw = dbias = da = db = None
+        if need_dx:
+            dx = gs @ a  # (N, r) @ (r, in) -> (N, in)
+            if mask is not None:
+                dx.mul_(mask).mul_(1.0 / (1.0 - p))
+            dx.addmm_(dy, weight)  # + dY W: the base backward GEMM accumulates onto the LoRA part
+        if need_da:
+            xd = x if mask is None else torch.native_dropout_backward(x, mask, 1.0 / (1.0 - p))
+            da = (gs.t() @ xd).to(ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
+        if need_db:
+            db = (dy.t() @ hs).to(ctx.dtypes[1])  # (out, N) @ (N, r) -> (out, r)
+        if need_dw:
+            dw = dy.t() @ x  # (out, in)
+        if need_dbias:
+            dbias = dy.sum(0)
+        return dx, dw, dbias, da, db, None, None
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+) -> torch.Tensor:
+    """y = x W^T + b + s * B A dropout_p(x), in x's dtype; gradients for whichever inputs require them.
+
+    Args:
+        x: (..., in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r) (any float dtype)
+        p: dropout probability on x before A (0: none)
+    Returns:
+        (..., out) in x's dtype
+    """
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad
+    )
+    if needs_grad or p > 0.0:
+        out = FusedLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scaling, p)
+    else:
+        out = lora_linear_inference(x2d, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def fast_lora_term(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: torch.nn.Module
+) -> torch.Tensor:
+    """s * B A dropout(x) in x's dtype with plain autograd ops: no float32 copy of x, scale folded into the rank-r
+    intermediate. For the cases the fused node does not cover (several active adapters, variants, mixed batches).
+
+    Args:
+        x: (..., in); lora_a: (r, in); lora_b: (out, r)
+    Returns:
+        (..., out) in x's dtype
+    """
+    # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
+    return F.linear(F.linear(dropout(x), lora_a.to(x.dtype)) * scaling, lora_b.to(x.dtype))

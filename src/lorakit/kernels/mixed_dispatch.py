@@ -1,0 +1,126 @@
+"""Mixed-adapter batches on a LoRA Linear without a Python loop over adapters.
+
+Plan, once per (layer, routing): the layer's stacked adapters (``adapter_stack``), each row's slot, and the backend:
+Triton SGMV/BGMV kernels on CUDA for fp16/bf16 when Triton is there, else gather + bmm (``gathered``). The plan is
+cached on the layer for as long as the same routing object is active (one model call, or one ``generate``: decode
+steps then skip all bookkeeping); adapter weights are assumed not to change within one routed call.
+
+Then per call: z = x A_row^T B_row^T (scaling in the stacked B), and the base GEMM accumulates onto z
+(``z.addmm_(x, W^T)``), so a mixed batch costs one base matmul plus two rank-r passes, whatever the number of
+adapters. Returns None (reference path) for what it does not cover: variants, lora_bias, dropout in training mode,
+gradients into the adapters, fan_in_fan_out bases handled generically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..routing import BASE_ADAPTER
+from .adapter_stack import AdapterStack, adapter_stack, row_slots, stackable
+from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_linear
+from .gathered import gather_factors, gathered_lora
+from .switch import fast_paths_enabled, triton_available
+
+if TYPE_CHECKING:
+    from ..layers.base import LoraLayer
+    from ..routing import BatchRouting
+
+# Gathered per-row factors are kept for the routing's lifetime below this many elements per layer (decode reuse).
+GATHER_CACHE_ELEMENTS = 1 << 24
+
+# Which backend runs mixed batches on CUDA: "triton" or "torch" (gather + bmm). Chosen by the GPU benchmark.
+CUDA_BACKEND = "torch"
+
+
+@dataclass
+class MixedPlan:
+    routing: BatchRouting
+    dtype: torch.dtype
+    device: torch.device
+    stack: AdapterStack
+    slots: torch.Tensor  # (rows,) long
+    backend: str  # "triton" | "torch"
+    a_rows: torch.Tensor | None = None  # (rows, R, in) when cached
+    b_rows: torch.Tensor | None = None  # (rows, out, R)
+
+
+def _routable(layer: LoraLayer, routing: BatchRouting, x: torch.Tensor) -> bool:
+    grad = torch.is_grad_enabled()
+    for name in routing.groups:
+        if name == BASE_ADAPTER or name not in layer.adapters:
+            continue
+        if not stackable(layer, name) or dropout_probability(layer.lora_dropout[name]) != 0.0:
+            return False
+        if grad and any(p.requires_grad for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)):
+            return False  # the stack is a detached copy: let autograd see the real factors
+    return True
+
+
+def _choose_backend(x: torch.Tensor, needs_grad: bool) -> str:
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if x.device.type == "cuda" and half and not needs_grad and CUDA_BACKEND == "triton" and triton_available():
+        return "triton"
+    return "torch"
+
+
+def _plan(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> MixedPlan | None:
+    cached = layer.__dict__.get("_lorakit_mixed")
+    if cached is not None and cached.routing is routing and cached.dtype == x.dtype and cached.device == x.device:
+        return cached
+    if not _routable(layer, routing, x):
+        return None
+    stack = adapter_stack(layer, x.dtype, x.device)
+    slots = row_slots(routing, stack, x.device)
+    backend = _choose_backend(x, torch.is_grad_enabled() and x.requires_grad)
+    plan = MixedPlan(routing, x.dtype, x.device, stack, slots, backend)
+    rows = slots.shape[0]
+    if backend == "torch" and rows * stack.a.shape[1] * (stack.a.shape[2] + stack.b.shape[1]) <= GATHER_CACHE_ELEMENTS:
+        plan.a_rows, plan.b_rows = gather_factors(stack.a, stack.b, slots)
+    layer.__dict__["_lorakit_mixed"] = plan
+    return plan
+
+
+def _adapter_part(plan: MixedPlan, x3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, L, in) -> (rows, L, out): each row's adapter term (+ bias)."""
+    if plan.backend == "triton":
+        from .sgmv_triton import triton_gathered_lora
+
+        return triton_gathered_lora(x3, plan.stack.a, plan.stack.b, plan.slots, bias)
+    if plan.a_rows is not None:
+        return gathered_lora(x3, plan.a_rows, plan.b_rows, bias)
+    return gathered_lora(x3, *gather_factors(plan.stack.a, plan.stack.b, plan.slots), bias)
+
+
+def fast_mixed_forward(
+    layer: LoraLayer, x: torch.Tensor, routing: BatchRouting, args: tuple, kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """Base output plus each row's adapter term, vectorised over adapters; None where the reference must run.
+
+    Args:
+        x: (rows, ..., in), rows == len(routing) (already expanded for generation)
+    Returns:
+        (rows, ..., out) in the base output's dtype, or None
+    """
+    if not fast_paths_enabled() or args or kwargs or layer.merged_adapters or layer.layer_kind != "linear":
+        return None
+    if not hasattr(layer, "lora_A") or not x.dtype.is_floating_point or x.dim() < 2 or global_hooks_present():
+        return None
+    if autocast_active(x.device) or torch.compiler.is_compiling():
+        return None
+    plan = _plan(layer, x, routing)
+    if plan is None:
+        return None
+    rows, in_features = x.shape[0], x.shape[-1]
+    x3 = x.reshape(rows, -1, in_features)  # (rows, L, in)
+    base = layer.base_layer
+    fuse_base = plain_linear(base) and not layer.fan_in_fan_out and base.weight.dtype == x.dtype
+    z = _adapter_part(plan, x3, base.bias if fuse_base else None)  # (rows, L, out)
+    out_features = z.shape[-1]
+    if fuse_base:
+        z.view(-1, out_features).addmm_(x3.reshape(-1, in_features), base.weight.t())  # + x W^T in the epilogue
+        return z.view(*x.shape[:-1], out_features)
+    result = base(x)
+    return result + z.view(*x.shape[:-1], out_features).to(result.dtype)
