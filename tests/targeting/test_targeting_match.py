@@ -175,3 +175,13 @@ def test_adding_an_adapter_targets_already_wrapped_layers():
     q = layers["model.layers.0.self_attn.q_proj"]
     assert q.r == {"default": 2, "other": 4}
     assert not isinstance(q.base_layer, lorakit.LoraLayer)  # extended, not nested
+
+
+def test_default_targets_agree_with_peft_where_peft_has_an_entry():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    shared = set(PEFT_DEFAULTS) & set(DEFAULT_TARGET_MODULES)
+    assert len(shared) >= 30
+    for arch in shared:
+        ours, theirs = default_target_modules(arch), PEFT_DEFAULTS[arch]
+        assert (ours if isinstance(ours, str) else set(ours)) == (theirs if isinstance(theirs, str) else set(theirs))
