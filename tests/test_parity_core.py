@@ -98,6 +98,16 @@ CASES = [
     ("embedding_and_linear", "llama", dict(target_modules=["embed_tokens", "q_proj", "lm_head"], r=2)),
     ("fan_in_fan_out_conv1d", "gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=2)),
     ("fan_in_fan_out_forced", "gpt2", dict(target_modules=["c_fc"], fan_in_fan_out=False, r=2)),
+    (
+        "layer_replication",
+        "llama",
+        dict(target_modules=["q_proj", "down_proj"], layer_replication=[[0, 1], [0, 2], [1, 2]]),
+    ),
+    (
+        "layer_replication_bert",
+        "bert",
+        dict(task_type="SEQ_CLS", target_modules=["query"], layer_replication=[[1, 2], [0, 2]]),
+    ),
     ("alpha_float", "mlp", dict(target_modules=["lin0"], r=3, lora_alpha=2.5)),
 ]
 
