@@ -6,14 +6,21 @@ import pytest
 import torch
 from mixed_cases import CASES, PEFT_CANNOT_MIX, batch, build_pair, names_for, separate_forward
 
+from lorakit.kernels.switch import use_reference
 from lorakit.routing import current_routing
 from models import output_tensor
 
 ATOL = 1e-5
 
 
+@pytest.mark.parametrize("path", ["fast", "reference"])
 @pytest.mark.parametrize("kind", list(CASES))
-def test_mixed_forward_matches_separate_runs_and_peft(kind):
+def test_mixed_forward_matches_separate_runs_and_peft(kind, path):
+    with use_reference(path == "reference"):
+        _check_mixed_forward(kind)
+
+
+def _check_mixed_forward(kind: str) -> None:
     ours, ref = build_pair(kind)
     names = names_for(kind)
     inputs = batch(kind, len(names))
