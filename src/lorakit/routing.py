@@ -2,7 +2,8 @@
 
 The routing is computed once per model call and read by every LoRA layer and modules_to_save wrapper. It lives in a
 module global rather than a ContextVar so that torch.compile traces the common (no routing) case without a graph
-break: dynamo guards on the global being None.
+break: dynamo guards on the global being None. The price: one routed call at a time per process; two threads running
+mixed batches on models at once would see each other's routing.
 
 Generation expands a batch of B prompts to B * k rows (k beams, or k return sequences when sampling) with
 ``repeat_interleave``, so row ``i * k + j`` comes from prompt ``i``. A routing made for ``generate`` therefore accepts
