@@ -51,3 +51,25 @@ def test_compiled_lora_model_has_no_graph_break_and_matches_eager(kind):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert backend.graphs == 1
     torch._dynamo.reset()
+
+
+def test_compiled_model_sees_a_mixed_batch_routing():
+    """dynamo guards on the routing global: a compiled model must not reuse its single-adapter graph for a mixed
+    batch (a stale graph would silently give every row the active adapter)."""
+    model = lorakit.get_peft_model(
+        (torch.manual_seed(0), MLP())[1].eval(),
+        lorakit.LoraConfig(target_modules=["lin0"], r=4, init_lora_weights=False),
+    )
+    model.add_adapter("other", lorakit.LoraConfig(target_modules=["lin0", "lin1"], r=2, init_lora_weights=False))
+    model.eval()
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__", "default"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=CountingBackend())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
+        expected = model(x, adapter_names=names)
+        torch.testing.assert_close(compiled(x, adapter_names=names), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(expected, model(x))
+    torch._dynamo.reset()
