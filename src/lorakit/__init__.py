@@ -6,6 +6,7 @@
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .init.corda import preprocess_corda
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
+from .io.functional import get_peft_model_state_dict, set_peft_model_state_dict
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
@@ -41,8 +42,10 @@ __all__ = [
     "TaskType",
     "get_eva_state_dict",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "preprocess_corda",
     "register_layer_type",
+    "set_peft_model_state_dict",
 ]

@@ -192,6 +192,7 @@ class PeftModel(nn.Module):
             is_main_process=is_main_process,
             state_dicts=state_dicts,
             config_overrides=overrides,
+            **kwargs,
         )
 
     @classmethod
@@ -236,7 +237,8 @@ class PeftModel(nn.Module):
     ) -> tuple[list[str], list[str]]:
         """Load another saved adapter into this model under ``adapter_name`` (inactive until set_adapter).
 
-        On any error the model is left exactly as it was."""
+        Returns (missing_keys, unexpected_keys), also as attributes. On any error the model is left exactly as it
+        was."""
         from .io.loading import load_adapter_into
 
         return load_adapter_into(

@@ -11,9 +11,10 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+import torch.nn as nn
 
 from ..config import CONFIG_NAME, LoraConfig
 from .atomic import atomic_path
@@ -60,8 +61,15 @@ def save_adapters(
     is_main_process: bool = True,
     state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
     config_overrides: dict[str, dict[str, Any]] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **ignored: Any,
 ) -> None:
-    """Write each selected adapter (default: all) in PEFT's layout under ``save_directory``."""
+    """Write each selected adapter (default: all) in PEFT's layout under ``save_directory``.
+
+    ``state_dicts`` gives ready disk-format tensors per adapter; ``state_dict`` a full model state dict to take the
+    values from (as PEFT's ``save_pretrained(state_dict=...)``, e.g. gathered from sharded training)."""
+    if ignored:
+        warnings.warn(f"save_pretrained ignores the keyword arguments {sorted(ignored)}.", stacklevel=3)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {str(save_directory)!r} is a file; give a folder.")
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -75,7 +83,7 @@ def save_adapters(
         folder = Path(save_directory) if name == "default" else Path(save_directory) / name
         tensors = (state_dicts or {}).get(name)
         if tensors is None:
-            tensors = adapter_state_dict(model, name, config, save_embedding_layers)
+            tensors = adapter_state_dict(model, name, config, save_embedding_layers, state_dict=state_dict)
         _write_adapter(model, folder, config, _untie(tensors), safe_serialization, (config_overrides or {}).get(name))
 
 
@@ -164,13 +172,37 @@ def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
             )
 
 
+class LoadResult(NamedTuple):
+    """Adapter keys the checkpoint lacked and checkpoint keys the model has no place for (in-memory names)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _drop_mismatched(own: dict[str, torch.Tensor], memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mismatched = [k for k, v in memory.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        shapes = ", ".join(f"{k}: {tuple(memory[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:3])
+        warnings.warn(
+            f"ignore_mismatched_sizes: skipped {len(mismatched)} tensors whose shapes differ ({shapes}).", stacklevel=4
+        )
+    return {k: v for k, v in memory.items() if k not in mismatched}
+
+
 def load_adapter_weights(
-    model: PeftModel, tensors: dict[str, torch.Tensor], adapter_name: str, source: str
-) -> tuple[list[str], list[str]]:
-    """Copy disk-format ``tensors`` into adapter ``adapter_name``; returns (missing, unexpected) in-memory keys."""
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    source: str,
+    ignore_mismatched_sizes: bool = False,
+) -> LoadResult:
+    """Copy disk-format ``tensors`` into adapter ``adapter_name``; returns the missing and unexpected in-memory
+    keys. Shapes are all checked before anything is written."""
     memory = to_memory_keys(model, tensors, adapter_name)
-    check_shapes(model, memory, source)
     own = model.state_dict()
+    if ignore_mismatched_sizes:
+        memory = _drop_mismatched(own, memory)
+    check_shapes(model, memory, source)
     unexpected = sorted(k for k in memory if k not in own)
     if unexpected:
         raise ValueError(
@@ -187,7 +219,7 @@ def load_adapter_weights(
         )
     any_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(memory, strict=False, assign=any_meta)
-    return missing, unexpected
+    return LoadResult(missing, unexpected)
 
 
 def _belongs_to(key: str, adapter_name: str) -> bool:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..model.lora_model import restore_on_error
-from .checkpoint import HUB_KWARGS, load_adapter_weights, read_adapter_weights
+from .checkpoint import HUB_KWARGS, LoadResult, load_adapter_weights, read_adapter_weights
 
 if TYPE_CHECKING:
     from ..peft_model import PeftModel
@@ -47,11 +47,13 @@ def load_peft_model(
     from ..peft_model import PeftModel, peft_model_class
 
     hub = _split_hub_kwargs(kwargs)
+    torch_device = kwargs.pop("torch_device", None)
+    ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
     if kwargs:
         raise TypeError(f"Unexpected keyword arguments for from_pretrained: {sorted(kwargs)}.")
     config = _read_config(model_id, config, hub)
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
-    tensors = read_adapter_weights(model_id, **hub)
+    tensors = read_adapter_weights(model_id, device=torch_device or "cpu", **hub)
     target_cls = peft_model_class(config) if cls is PeftModel else cls
     with restore_on_error(model):  # a failed load leaves the user's model as it was given
         peft_model = target_cls(
@@ -61,7 +63,7 @@ def load_peft_model(
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
-        load_adapter_weights(peft_model, tensors, adapter_name, str(model_id))
+        load_adapter_weights(peft_model, tensors, adapter_name, str(model_id), ignore_mismatched_sizes)
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()
@@ -79,9 +81,10 @@ def load_adapter_into(
     ephemeral_gpu_offload: bool = False,
     low_cpu_mem_usage: bool = False,
     **kwargs: Any,
-) -> tuple[list[str], list[str]]:
+) -> LoadResult:
     hub = _split_hub_kwargs(kwargs)
     config = _read_config(model_id, kwargs.pop("config", None), hub)
+    ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
     if kwargs:
         raise TypeError(f"Unexpected keyword arguments for load_adapter: {sorted(kwargs)}.")
     if adapter_name in peft_model.peft_config:
@@ -93,7 +96,7 @@ def load_adapter_into(
     was_training = peft_model.training
     with peft_model.base_model.adding(adapter_name):  # all or nothing
         peft_model.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        result = load_adapter_weights(peft_model, tensors, adapter_name, str(model_id))
+        result = load_adapter_weights(peft_model, tensors, adapter_name, str(model_id), ignore_mismatched_sizes)
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()

@@ -36,10 +36,17 @@ def _lora_key_to_disk(key: str, adapter_name: str) -> str | None:
 
 
 def adapter_state_dict(
-    peft_model: nn.Module, adapter_name: str, config: LoraConfig, save_embedding_layers: bool | str = "auto"
+    peft_model: nn.Module,
+    adapter_name: str,
+    config: LoraConfig,
+    save_embedding_layers: bool | str = "auto",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors PEFT would save for ``adapter_name``, keyed as on disk (``base_model.model.`` prefix)."""
-    full = peft_model.state_dict()
+    """The tensors PEFT would save for ``adapter_name``, keyed as on disk (``base_model.model.`` prefix).
+
+    ``state_dict`` replaces ``peft_model.state_dict()`` as the source of values (e.g. one gathered from FSDP shards);
+    its keys must be the model's own."""
+    full = peft_model.state_dict() if state_dict is None else state_dict
     out: dict[str, torch.Tensor] = {}
     for key, tensor in full.items():
         disk = _lora_key_to_disk(key, adapter_name)
@@ -120,11 +127,23 @@ def to_memory_keys(
 ) -> dict[str, torch.Tensor]:
     """Disk keys -> in-memory keys of ``peft_model`` for ``adapter_name`` (prefix optional on disk)."""
     wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    prefix = model_prefix(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        full = key if key.startswith(PREFIX) else PREFIX + key
+        full = prefix + key.removeprefix(PREFIX)
         out[_disk_key_to_memory(full, adapter_name, wrappers)] = tensor
     return out
+
+
+def model_prefix(model: nn.Module) -> str:
+    """Where the user's model sits in ``model``'s state dict: ``base_model.model.`` in a PeftModel, ``model.`` in a
+    LoraModel, nothing in a model injected in place (``inject_adapter_in_model``)."""
+    from ..model.lora_model import LoraModel
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraModel):
+            return f"{name}.model." if name else "model."
+    return ""
 
 
 def _disk_key_to_memory(key: str, adapter_name: str, wrappers: set[str]) -> str:
