@@ -120,18 +120,20 @@ def _build(kind: str, lib, kwargs: dict):
 
 
 def _layers(model, layer_type) -> dict[str, tuple]:
-    """Wrapped module path -> (type of base layer, r, alpha, scaling, dropout p) for the default adapter."""
+    """Wrapped module path -> type of base layer and, per adapter, (r, alpha, scaling, dropout p)."""
     out = {}
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, layer_type):
-            drop = module.lora_dropout["default"]
-            out[name] = (
-                type(module.get_base_layer()).__name__,
-                module.r["default"],
-                module.lora_alpha["default"],
-                pytest.approx(module.scaling["default"], rel=1e-12),
-                getattr(drop, "p", 0.0),
-            )
+            per_adapter = {
+                adapter: (
+                    module.r[adapter],
+                    module.lora_alpha[adapter],
+                    pytest.approx(module.scaling[adapter], rel=1e-12),
+                    getattr(module.lora_dropout[adapter], "p", 0.0),
+                )
+                for adapter in module.r
+            }
+            out[name] = (type(module.get_base_layer()).__name__, per_adapter)
     return out
 
 
@@ -204,10 +206,19 @@ def test_config_after_injection_matches_peft():
         assert ours.fan_in_fan_out == ref.fan_in_fan_out
 
 
-def test_second_adapter_with_different_targets_matches_peft():
+@pytest.mark.parametrize(
+    "second",
+    [
+        dict(target_modules=["q_proj", "down_proj"], r=4, lora_alpha=2),
+        dict(target_modules="all-linear", r=4),  # embed_tokens is wrapped already but is not linear
+        dict(target_modules=["lm_head", "embed_tokens"], r=3),
+    ],
+    ids=["list", "all_linear", "embedding_and_head"],
+)
+def test_second_adapter_with_different_targets_matches_peft(second):
     configs = [
-        dict(target_modules=["q_proj"], r=2, init_lora_weights=False),
-        dict(target_modules=["q_proj", "down_proj"], r=4, lora_alpha=2, init_lora_weights=False),
+        dict(target_modules=["q_proj", "embed_tokens"], r=2, init_lora_weights=False),
+        dict(second, init_lora_weights=False),
     ]
     models = []
     for lib in (lorakit, peft):
@@ -215,6 +226,7 @@ def test_second_adapter_with_different_targets_matches_peft():
         model.add_adapter("second", lib.LoraConfig(**configs[1]))
         models.append(model)
     ours, ref = models
+    assert _layers(ours, lorakit.LoraLayer) == _layers(ref, PeftLoraLayer)
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     ours.load_state_dict(ref.state_dict())

@@ -93,8 +93,9 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     excluded_names = {n for n, m in model.named_modules() if id(m) in excluded_ids}
     names: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            names.add(name)
+        if isinstance(module, LoraLayer):  # wrapped by an earlier adapter: its base decides, its internals never count
+            if isinstance(module.get_base_layer(), linear_types()):
+                names.add(name)
             excluded_names.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
         elif isinstance(module, linear_types()):
             names.add(name)
