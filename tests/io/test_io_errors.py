@@ -131,3 +131,16 @@ def _break(folder, breakage: str) -> str:
         (folder / "adapter_config.json").write_text("{not json")
         return r"adapter_config\.json is not valid JSON"
     raise KeyError(breakage)
+
+
+def test_existing_adapter_name_and_missing_paths_are_named(tmp_path):
+    folder = _saved(tmp_path)
+    model = _peft_model_with_head()
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=r"'default' already exists; existing adapters: \['default'\]"):
+        model.load_adapter(folder, adapter_name="default")
+    _assert_same(before, _fingerprint(model))
+    with pytest.raises(FileNotFoundError, match="neither an existing local folder nor a valid Hub repo id"):
+        lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), str(tmp_path / "does" / "not" / "exist"))
+    with pytest.raises(FileNotFoundError, match="is a file; expected an adapter folder or a Hub repo id"):
+        lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), folder / "adapter_config.json")
