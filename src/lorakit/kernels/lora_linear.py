@@ -132,7 +132,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 dx.mul_(mask).mul_(1.0 / (1.0 - p))
             dx.addmm_(dy, weight)  # + dY W: the base backward GEMM accumulates onto the LoRA part
         if need_da:
-            xd = x if mask is None else torch.native_dropout_backward(x, mask, 1.0 / (1.0 - p))
+            xd = x if mask is None else x.mul(mask).mul_(1.0 / (1.0 - p))
             da = (gs.t() @ xd).to(ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
         if need_db:
             db = (dy.t() @ hs).to(ctx.dtypes[1])  # (out, N) @ (N, r) -> (out, r)
