@@ -239,18 +239,20 @@ def _dora_reference(x, weight, bias, lora_a, lora_b, magnitude, scaling, x_lora=
     return result + (k - 1) * nn.functional.linear(x_lora, weight) + k * scaling * (x_lora @ lora_a.T @ lora_b.T)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_linear_function_gradients_match_autograd_in_float64(dropout):
+@pytest.mark.parametrize(("dropout", "with_bias"), [(False, True), (False, False), (True, True)])
+def test_linear_function_gradients_match_autograd_in_float64(dropout, with_bias):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 7, generator=g, dtype=torch.float64)
-    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
     lora_a = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    magnitude = torch.rand(5, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    magnitude = torch.rand(5, generator=g, dtype=torch.float64).add(0.5)
+    magnitude[1] = 0.0  # a zero magnitude still gets its gradient (its channel outputs only the bias)
+    magnitude.requires_grad_()
     mask = (torch.rand(7, generator=g) > 0.3).to(torch.float64) * 1.4
 
-    def ours(x, bias, lora_a, lora_b, magnitude):
+    def ours(x, lora_a, lora_b, magnitude, bias):
         norm = weight_norm_reference(weight, lora_a, lora_b, 0.5)
         result = nn.functional.linear(x, weight, bias)
         if dropout:
@@ -259,19 +261,41 @@ def test_linear_function_gradients_match_autograd_in_float64(dropout):
             return DoraLinearFunction.apply(xd, result, wx, lora_a, lora_b, magnitude, norm, 0.5, None)
         return DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, 0.5, bias)
 
-    def ref(x, bias, lora_a, lora_b, magnitude):
+    def ref(x, lora_a, lora_b, magnitude, bias):
         return _dora_reference(x, weight, bias, lora_a, lora_b, magnitude, 0.5, x * mask if dropout else None)
 
-    args = (x, bias, lora_a, lora_b, magnitude)
-    torch.testing.assert_close(ours(*args), ref(*args))
+    args = (x, lora_a, lora_b, magnitude) + ((bias,) if with_bias else ())
+    full = (*args, None) if not with_bias else args
+    torch.testing.assert_close(ours(*full), ref(*full))
     cotangent = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
-    expected = torch.autograd.grad(ref(*args), args, cotangent)
-    got = torch.autograd.grad(ours(*args), args, cotangent)
-    for name, a, b in zip(("x", "bias", "A", "B", "m"), got, expected):
+    expected = torch.autograd.grad(ref(*full), args, cotangent)
+    got = torch.autograd.grad(ours(*full), args, cotangent)
+    for name, a, b in zip(("x", "A", "B", "m", "bias"), got, expected):
         torch.testing.assert_close(a, b, msg=name)
+    assert got[3][1].abs() > 1e-3
 
 
-def test_scale_function_gradients_match_autograd_with_channel_axis_and_bias():
+def test_linear_function_keeps_only_x_the_rank_r_product_and_its_output_for_backward():
+    """No bias, no dropout: the magnitude's gradient is read off the output, which the next layer keeps anyway."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    weight = torch.randn(48, 32, generator=g)
+    lora_a = torch.randn(4, 32, generator=g, requires_grad=True)
+    lora_b = torch.randn(48, 4, generator=g, requires_grad=True)
+    magnitude = torch.rand(48, generator=g).add(0.5).requires_grad_()
+    norm = weight_norm(weight, lora_a, lora_b, 2.0)
+    result = x @ weight.T
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, 2.0, None)
+    known = {t.untyped_storage().data_ptr() for t in (x, y, lora_a, lora_b, norm)}
+    extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    extra = {ptr: n for ptr, n in extra.items() if ptr not in known}
+    assert sum(extra.values()) <= 64 * 4 * 4 + 48 * 4  # A x (N, r) and k (out,)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scale_function_gradients_match_autograd_with_channel_axis(with_bias):
     g = torch.Generator().manual_seed(2)
     result = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     lora = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -279,12 +303,13 @@ def test_scale_function_gradients_match_autograd_with_channel_axis_and_bias():
     magnitude = torch.rand(1, 4, 1, 1, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
     norm = torch.rand(1, 4, 1, 1, generator=g, dtype=torch.float64).add(0.5)
 
-    def ref(result, lora, bias, magnitude):
+    def ref(result, lora, magnitude, bias=None):
         k = magnitude / norm
-        return result + (k - 1) * (result - bias) + k * lora
+        base = result if bias is None else result - bias
+        return result + (k - 1) * base + k * lora
 
-    args = (result, lora, bias, magnitude)
-    got = DoraScaleFunction.apply(result, None, lora, magnitude, norm, bias)
+    args = (result, lora, magnitude) + ((bias,) if with_bias else ())
+    got = DoraScaleFunction.apply(result, None, lora, magnitude, norm, bias if with_bias else None)
     torch.testing.assert_close(got, ref(*args))
     cotangent = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, args, cotangent), torch.autograd.grad(ref(*args), args, cotangent)):

@@ -1,4 +1,4 @@
-"""DoRA's output as autograd functions with hand-derived backwards that save one activation.
+"""DoRA's output as autograd functions with hand-derived backwards that save one activation, or none.
 
 DoRA (arXiv:2402.09353) with k = m / ||W + s B A|| (the norm detached, section 4.3 of the paper):
 
@@ -6,20 +6,24 @@ DoRA (arXiv:2402.09353) with k = m / ||W + s B A|| (the norm detached, section 4
 
 When x' = x (no dropout, or eval mode) W x is the base output minus its bias, so with z = W x' + s B A x':
 
-    y = t + (k - 1) z,   t = result + s B A x'  (= z + b)
+    y = k z + b
 
 Backward, for an upstream gradient g (all sums over tokens):
 
     dL/dresult = k g          (reuse; with dropout: g, and dL/d(W x') = (k - 1) g)
-    dL/dm      = sum(g * z) / ||W + s B A||
+    dL/dm      = sum(g * z) / ||W + s B A||   (= sum(g * y) / m when y = k z)
     dL/d(s B A x') = k g      -> the usual low-rank gradients of A, B and x'
     dL/db      = -sum((k - 1) g)   where b entered explicitly (reuse, trainable bias)
 
-Only z is saved (in the output dtype), besides the layer input x, which the low-rank gradient of A needs anyway,
-and the (N, r) product A x. The matmuls run in the base output's dtype with float32 accumulation, like
-torch.autocast, while A, B and m keep their own (e.g. float32) dtype. The output is formed in float32 and rounded
-once: rounding z first and scaling it by k afterwards would lose every |k - 1| below half a bfloat16 ulp (~0.2-0.4%),
-i.e. the magnitude's effect early in training.
+What backward keeps: the layer input x (the low-rank gradient of A needs it anyway), the (N, r) product A x and, for
+the magnitude, either z or, when y = k z exactly (reuse, no bias, bfloat16/float32/float64), the output y itself:
+the next layer usually saves y anyway (an activation's input, attention's v), so that costs nothing. k is kept
+at least 1e-12 away from 0 there so that y / k is z (a magnitude of exactly 0 would otherwise lose its gradient).
+
+The matmuls run in the base output's dtype with float32 accumulation, like torch.autocast, while A, B and m keep
+their own (e.g. float32) dtype. The output is formed in float32 and rounded once: rounding z first and scaling it by
+k afterwards would lose every |k - 1| below half a bfloat16 ulp (~0.2-0.4%), i.e. the magnitude's effect early in
+training.
 """
 
 from __future__ import annotations
@@ -44,9 +48,38 @@ def _autocast_off(device: torch.device) -> Iterator[None]:
         yield
 
 
+_K_FLOOR = 1e-12  # |k| floor when the output stands in for z (y / k must stay finite and exact)
+_SHARES_RANGE = (torch.bfloat16, torch.float32, torch.float64)  # dtypes where k * z cannot underflow at |k| >= 1e-12
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _output_holds_z(reuse: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """True when y = k z exactly, so backward can keep y (shared with the next layer) instead of z."""
+    return reuse and bias is None and dtype in _SHARES_RANGE
+
+
+def _away_from_zero(k: torch.Tensor) -> torch.Tensor:
+    """k with |k| >= _K_FLOOR (sign kept, +floor for 0); changes the output by at most 1e-12 of z."""
+    return torch.where(k.abs() < _K_FLOOR, torch.full_like(k, _K_FLOOR).copysign(k), k)
+
+
+def _reduce_to(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Sum ``t`` down to the broadcastable ``shape`` (e.g. (N, C, H, W) -> (1, C, 1, 1)), accumulating in ``dtype``."""
+    lead = t.dim() - len(shape)
+    dims = [*range(lead), *(lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1)]
+    return (t.sum(dim=dims, dtype=dtype) if dims else t.to(dtype)).reshape(shape)
+
+
+def _magnitude_grad(
+    g: torch.Tensor, saved: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, holds_y: bool
+) -> torch.Tensor:
+    """dL/dm = sum(g * z) / n, from z or from the output y = k z (then / (k n)); shaped like k and norm."""
+    total = _reduce_to(g * saved, k.shape, norm.dtype)
+    return total / (k * norm) if holds_y else total / norm
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -63,42 +96,42 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias):
-        out_features = result.shape[-1]
-        dtype = result.dtype
+        out_features, dtype = result.shape[-1], result.dtype
         acc = accumulation_dtype(dtype)
+        holds_y = _output_holds_z(wx is None, bias, dtype)
         with _autocast_off(result.device):
             res2 = result.reshape(-1, out_features)
             k = magnitude.detach().reshape(-1).to(acc) / norm.to(acc)  # (out,)
+            if holds_y:
+                k = _away_from_zero(k)
             ax = x.reshape(-1, x.shape[-1]).to(dtype) @ lora_a.to(dtype).T  # (N, in) @ (in, r) -> (N, r)
-            lora = ax.to(acc) @ (lora_b.to(acc) * scaling).T  # s B A x: (N, r) @ (r, out) -> (N, out)
+            lora = ax.to(acc) @ (lora_b.to(acc) * scaling).T  # s B A x': (N, r) @ (r, out) -> (N, out)
             if wx is None:
                 z = lora.add_(res2)  # W x + b + s B A x
-                if bias is not None:
-                    z.sub_(bias.detach().to(acc))
                 y = torch.empty_like(res2)
                 if bias is None:
-                    torch.mul(z, k, out=y)  # one rounding, from float32
+                    torch.mul(z, k, out=y)  # k z, rounded once
                 else:
-                    torch.addcmul(bias.detach().to(acc), z, k, out=y)
+                    z.sub_(bias.detach().to(acc))
+                    torch.addcmul(bias.detach().to(acc), z, k, out=y)  # b + k z
             else:
                 z = wx.reshape(-1, out_features).to(acc) + lora
                 y = torch.addcmul(lora.add_(res2), z, k - 1).to(dtype)  # result + s B A x' + (k - 1) z
-            z = z.to(dtype)
-        ctx.save_for_backward(x, ax, lora_a, lora_b, z, (k - 1).to(dtype), norm)
-        ctx.scaling = scaling
-        ctx.reuse = wx is None
+        ctx.save_for_backward(x, ax, lora_a, lora_b, y if holds_y else z.to(dtype), k, norm)
+        ctx.scaling, ctx.reuse, ctx.holds_y = scaling, wx is None, holds_y
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ax, lora_a, lora_b, z, km1, norm = ctx.saved_tensors
+        x, ax, lora_a, lora_b, saved, k, norm = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dtype, scaling = z.dtype, ctx.scaling
+        dtype, scaling = saved.dtype, ctx.scaling
         grads: list[torch.Tensor | None] = [None] * 9
-        with _autocast_off(z.device):
-            g = grad_out.reshape(-1, z.shape[-1]).to(dtype)
+        with _autocast_off(saved.device):
+            g = grad_out.reshape(-1, saved.shape[-1]).to(dtype)
+            km1 = (k - 1).to(dtype)
             gk = torch.addcmul(g, g, km1)  # k g: the gradient of the low-rank output (and of result, reusing)
             if need[1]:
                 grads[1] = (gk if ctx.reuse else g).reshape(grad_out.shape)
@@ -106,19 +139,18 @@ class DoraLinearFunction(torch.autograd.Function):
                 grads[2] = (g * km1).reshape(grad_out.shape)
             if need[5]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[5] = ((g * z).sum(0, dtype=norm.dtype) / norm).reshape(shape).to(mdtype)
+                grads[5] = _magnitude_grad(g, saved, k, norm, ctx.holds_y).reshape(shape).to(mdtype)
             if need[8] and ctx.reuse:
                 grads[8] = -(g * km1).sum(0, dtype=norm.dtype).to(ctx.bias_dtype)
             if need[4]:
-                # (out, N) @ (N, r) -> (out, r)
-                grads[4] = ((gk.T @ ax).to(norm.dtype) * scaling).to(lora_b.dtype)
+                grads[4] = ((gk.T @ ax).to(norm.dtype) * scaling).to(lora_b.dtype)  # (out, N) @ (N, r) -> (out, r)
             if need[0] or need[3]:
                 dax = gk @ (lora_b * scaling).to(dtype)  # (N, out) @ (out, r) -> (N, r)
-                x2 = x.reshape(-1, x.shape[-1])
                 if need[3]:
-                    grads[3] = (dax.T @ x2.to(dtype)).to(lora_a.dtype)  # (r, N) @ (N, in) -> (r, in)
+                    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+                    grads[3] = (dax.T @ x2).to(lora_a.dtype)  # (r, N) @ (N, in) -> (r, in)
                 if need[0]:
-                    grads[0] = (dax @ lora_a.to(dtype)).to(x.dtype).reshape(x.shape)  # (N, r) @ (r, in)
+                    grads[0] = (dax @ lora_a.to(dtype)).to(x.dtype).reshape(x.shape)  # (N, r) @ (r, in) -> (N, in)
         return tuple(grads)
 
 
@@ -139,8 +171,11 @@ class DoraScaleFunction(torch.autograd.Function):
     def forward(ctx, result, wx, lora, magnitude, norm, bias):
         dtype, lora_dtype = result.dtype, lora.dtype
         acc = accumulation_dtype(dtype)
+        holds_y = _output_holds_z(wx is None, bias, dtype)
         with _autocast_off(result.device):
             k = magnitude.detach().to(acc) / norm.to(acc)
+            if holds_y:
+                k = _away_from_zero(k)
             lora = lora.detach().to(acc)
             if wx is None:
                 z = lora + result
@@ -150,9 +185,9 @@ class DoraScaleFunction(torch.autograd.Function):
             else:
                 z = wx.to(acc) + lora
                 y = torch.addcmul(lora + result, z, k - 1)
-            y, z = y.to(dtype), z.to(dtype)
-        ctx.save_for_backward(z, (k - 1).to(dtype), norm)
-        ctx.reuse = wx is None
+            y = y.to(dtype)
+        ctx.save_for_backward(y if holds_y else z.to(dtype), k, norm)
+        ctx.reuse, ctx.holds_y = wx is None, holds_y
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         ctx.lora_dtype = lora_dtype
@@ -160,11 +195,12 @@ class DoraScaleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, km1, norm = ctx.saved_tensors
+        saved, k, norm = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * 6
-        with _autocast_off(z.device):
-            g = grad_out.to(z.dtype)
+        with _autocast_off(saved.device):
+            g = grad_out.to(saved.dtype)
+            km1 = (k - 1).to(saved.dtype)
             gk = torch.addcmul(g, g, km1)
             if need[0]:
                 grads[0] = gk if ctx.reuse else g
@@ -174,8 +210,8 @@ class DoraScaleFunction(torch.autograd.Function):
                 grads[2] = gk.to(ctx.lora_dtype)
             if need[3]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[3] = ((g * z).to(norm.dtype).sum_to_size(shape) / norm).to(mdtype)
+                grads[3] = _magnitude_grad(g, saved, k, norm, ctx.holds_y).reshape(shape).to(mdtype)
             if need[5] and ctx.reuse:
                 shape, bdtype = ctx.bias_meta
-                grads[5] = -(g * km1).to(norm.dtype).sum_to_size(shape).to(bdtype)
+                grads[5] = -_reduce_to(g * km1, shape, norm.dtype).to(bdtype)
         return tuple(grads)

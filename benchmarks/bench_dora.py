@@ -1,0 +1,258 @@
+"""DoRA training step, lorakit vs peft, side by side in one process on the same model and inputs.
+
+Cases: the frozen floor (forward + backward to the input embeddings only), plain LoRA and DoRA for each library.
+Each case wraps the same base model (unloaded again afterwards), sets the adapter weights to the same seeded values
+in both libraries (so step-0 losses must agree), then times full AdamW training steps.
+
+Reported per case: median ms/step, ratio to the floor, peak memory (CUDA: torch.cuda.max_memory_allocated),
+activation bytes saved for backward (excluding parameters; measured in one extra untimed step with
+saved_tensors_hooks, on any device), and the step-0 loss.
+
+    python benchmarks/bench_dora.py                          # CPU profile (2 cores, ~1 min)
+    python benchmarks/bench_dora.py --profile gpu            # the H200 profile: 1.1B Llama shape, bf16, B4 x T2048
+    python benchmarks/bench_dora.py --profile gpu --cases floor,peft-dora,lorakit-dora --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+PROFILES = {
+    # the performance issue's model: hidden 2048, 16 layers, intermediate 5632, 32 heads, 8 kv heads, vocab 32000
+    "gpu": dict(
+        hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=8, vocab=32000, batch=4, seq=2048, dtype="bf16"
+    ),
+    "cpu": dict(
+        hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4, vocab=2048, batch=2, seq=256, dtype="fp32"
+    ),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CASES = ("floor", "peft-lora", "lorakit-lora", "peft-dora", "lorakit-dora")
+
+
+@dataclass
+class Result:
+    case: str
+    ms: float
+    ms_min: float
+    peak_gib: float | None
+    saved_gib: float
+    loss: float
+
+
+def build_model(profile: dict, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=profile["hidden"],
+        num_hidden_layers=profile["layers"],
+        intermediate_size=profile["intermediate"],
+        num_attention_heads=profile["heads"],
+        num_key_value_heads=profile["kv_heads"],
+        vocab_size=profile["vocab"],
+        max_position_embeddings=max(2048, profile["seq"]),
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def lora_config(lib, dora: bool):
+    return lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora)
+
+
+def seed_adapters(model: torch.nn.Module, shared: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Give both libraries the same adapter values (their key names agree): the first library to run moves its B
+    away from zero (so DoRA's norm matters) and records its adapter tensors; the second loads them."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        if shared is None:
+            g = torch.Generator().manual_seed(1)
+            for name, p in sorted(trainable.items()):
+                if "lora_B" in name:
+                    p.add_((torch.randn(p.shape, generator=g) * 0.01).to(device=p.device, dtype=p.dtype))
+            return {n: p.detach().clone() for n, p in trainable.items()}
+        if set(shared) != set(trainable):
+            raise RuntimeError("peft and lorakit disagree on the adapter parameter names.")
+        for name, p in trainable.items():
+            p.copy_(shared[name])
+        return shared
+
+
+@contextlib.contextmanager
+def saved_bytes_counter(params: set[int]) -> Iterator[dict[str, int]]:
+    """Count the bytes of distinct storages autograd saves for backward, parameters excluded."""
+    seen: dict[int, int] = {}
+    stats = {"bytes": 0}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = storage.nbytes()
+            stats["bytes"] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield stats
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(
+    step: Callable[[], float], device: str, steps: int, warmup: int, params: set[int]
+) -> tuple[float, float, float | None, float, float]:
+    loss0 = step()  # first step: the loss of the seeded weights
+    with saved_bytes_counter(params) as saved:
+        step()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return statistics.median(times), min(times), peak, saved["bytes"] / 2**30, loss0
+
+
+def make_train_step(model, ids: torch.Tensor) -> Callable[[], float]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def make_floor_step(model, ids: torch.Tensor) -> Callable[[], float]:
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        inputs = embed(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=inputs, labels=ids).loss
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def wrap(case: str, base, states: dict[str, dict[str, torch.Tensor]]):
+    """(wrapped model, function that gives the base model back); adapter values shared per kind via ``states``."""
+    lib_name, kind = case.split("-")
+    if lib_name == "peft":
+        import peft as lib
+    else:
+        import lorakit as lib
+    model = lib.get_peft_model(base, lora_config(lib, dora=kind == "dora"))
+    model.train()
+    states[kind] = seed_adapters(model, states.get(kind))
+    return model, lambda: model.base_model.unload()
+
+
+def bench(args: argparse.Namespace) -> list[Result]:
+    profile = dict(PROFILES[args.profile])
+    for key in ("batch", "seq", "layers"):
+        if getattr(args, key) is not None:
+            profile[key] = getattr(args, key)
+    device = args.device or ("cuda" if args.profile == "gpu" else "cpu")
+    dtype = DTYPES[args.dtype or profile["dtype"]]
+    base = build_model(profile, device, dtype)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    params = {p.untyped_storage().data_ptr() for p in base.parameters()}
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, profile["vocab"], (profile["batch"], profile["seq"]), generator=g).to(device)
+    print(f"profile={args.profile} {profile} device={device} dtype={dtype} torch={torch.__version__}")
+    results, states = [], {}
+    for case in args.cases.split(","):
+        if case not in CASES:
+            raise SystemExit(f"Unknown case {case!r}; cases are {', '.join(CASES)}.")
+        if case == "floor":
+            base.train()
+            model, restore = base, (lambda m=base: m)
+            step = make_floor_step(base, ids)
+        else:
+            model, restore = wrap(case, base, states)
+            step = make_train_step(model, ids)
+        ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params)
+        results.append(Result(case, ms, ms_min, peak, saved, loss0))
+        base = restore()
+        del model, step
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        print(
+            f"  {case:14s} {ms:9.1f} ms (min {ms_min:.1f})  peak {fmt(peak)} GiB  saved {saved:7.3f} GiB  "
+            f"loss0 {loss0:.6f}",
+            flush=True,
+        )
+    return results
+
+
+def fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
+def report(results: list[Result]) -> None:
+    floor = next((r for r in results if r.case == "floor"), None)
+    print("\n| case | ms/step (median) | min | x floor | peak GiB | saved for backward GiB | step-0 loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        ratio = f"{r.ms / floor.ms:.2f}x" if floor else "-"
+        print(
+            f"| {r.case} | {r.ms:.1f} | {r.ms_min:.1f} | {ratio} | {fmt(r.peak_gib).strip()} | {r.saved_gib:.3f} "
+            f"| {r.loss:.6f} |"
+        )
+    by_case = {r.case: r for r in results}
+    for kind in ("lora", "dora"):
+        ours, ref = by_case.get(f"lorakit-{kind}"), by_case.get(f"peft-{kind}")
+        if ours and ref:
+            print(
+                f"{kind}: lorakit / peft time {ours.ms / ref.ms:.2f}, "
+                f"saved {ours.saved_gib / max(ref.saved_gib, 1e-9):.2f}, "
+                f"step-0 loss difference {abs(ours.loss - ref.loss):.2e}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu profile)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    report(bench(args))
+
+
+if __name__ == "__main__":
+    main()
