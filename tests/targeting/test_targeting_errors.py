@@ -61,6 +61,13 @@ def test_layer_filter_that_selects_nothing_names_indices_found():
         _inject("llama", target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="self_attn")
 
 
+def test_a_module_saved_in_full_by_another_adapter_cannot_be_a_target():
+    model = _inject("mlp", target_modules=["lin0"], modules_to_save=["head"])
+    with pytest.raises(ValueError, match=r"\['head'\] are in modules_to_save of adapter\(s\) \['default'\]"):
+        model.add_adapter("other", LoraConfig(target_modules=["head", "lin1"]))
+    assert "other" not in model.peft_config and not isinstance(model.base_model.model.lin1, lorakit.LoraLayer)
+
+
 def test_partly_unmatched_target_list_warns():
     with pytest.warns(UserWarning, match=r"target_modules entries \['c_attn'\] match no module"):
         model = _inject("llama", target_modules=["q_proj", "c_attn"])

@@ -82,6 +82,13 @@ def inject_lora(
     targets = find_targets(model, config)
     # Build every new layer before touching the model, so an unsupported module leaves the model as it was.
     modules = {name: model.get_submodule(name) for name in targets}
+    saved = [n for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)]
+    if saved:
+        owners = sorted(modules[saved[0]].modules_to_save)
+        raise ValueError(
+            f"Target module(s) {saved} are in modules_to_save of adapter(s) {owners} "
+            "(trained in full), so they cannot also get LoRA; remove them from target_modules or use exclude_modules."
+        )
     layers = {n: m if isinstance(m, LoraLayer) else create_lora_layer(m, config, n) for n, m in modules.items()}
     for name, layer in layers.items():
         module = modules[name]
