@@ -45,6 +45,7 @@ def converted_state_dicts(
         config = peft_model.peft_config[name]
         overrides[name] = converted_config(config, name)
         current = adapter_state_dict(peft_model, name, config, save_embedding_layers)
+        current = restore_saved_base_weights(peft_model, name, current, initial)
         state_dicts[name] = concat_with_initial(current, initial, str(path_initial_model))
     return state_dicts, overrides
 
@@ -75,6 +76,39 @@ def converted_config(config, adapter_name: str) -> dict[str, Any]:
         "alpha_pattern": {k: 2 * v for k, v in config.alpha_pattern.items()},
         "init_lora_weights": True,
     }
+
+
+def restore_saved_base_weights(
+    peft_model, adapter_name: str, current: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Full base weights saved with the adapter (embeddings under save_embedding_layers) hold W_res; the converted
+    adapter works on W, so they become W_res + s * B0 @ A0 (in the layer's own layout)."""
+    from ..delta import delta_matrix
+    from ..io.state_dict import PREFIX
+
+    base = peft_model.get_base_model()
+    out = dict(current)
+    for key, weight in current.items():
+        if not (key.startswith(PREFIX) and key.endswith(".base_layer.weight")):
+            continue
+        path = key[len(PREFIX) : -len(".base_layer.weight")]
+        layer = base.get_submodule(path)
+        a0, b0 = _initial_factors(initial, PREFIX + path)
+        if a0 is None or adapter_name not in getattr(layer, "adapters", {}):
+            continue
+        scaling = layer.adapters[adapter_name].base_scaling
+        delta = layer._weight_from_2d(delta_matrix(a0.reshape(a0.shape[0], -1), b0.reshape(b0.shape[0], -1), scaling))
+        out[key] = (weight.float() + delta.to(weight.device)).to(weight.dtype)
+    return out
+
+
+def _initial_factors(
+    initial: dict[str, torch.Tensor], module_key: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+        if f"{module_key}.{a_name}" in initial:
+            return initial[f"{module_key}.{a_name}"], initial[f"{module_key}.{b_name}"]
+    return None, None
 
 
 def concat_with_initial(

@@ -375,7 +375,7 @@ def get_eva_state_dict(
 
 
 def _iterate(run: _EvaRun, dataloader, device, forward_fn, prepare_model, show_progress_bar: bool) -> None:
-    bar = _progress(show_progress_bar, len(run.leader_of))
+    bar = _progress(show_progress_bar, len(run.modules))
     batches = cycle(dataloader)
     run.hook(run.modules)
     run.forward(forward_fn, _to_device(next(batches), device), prepare_model)
@@ -385,7 +385,7 @@ def _iterate(run: _EvaRun, dataloader, device, forward_fn, prepare_model, show_p
         run.update_activity()
         converged = sum(run.done.values()) + sum(run.done[lead] for lead in run.followers.values())
         if bar is not None:
-            bar.set_description(f"{converged}/{len(run.leader_of)} layers have converged")
+            bar.set_description(f"{converged}/{len(run.modules)} layers have converged")
             bar.update(converged - bar.n)
         if all(run.done.values()):
             break

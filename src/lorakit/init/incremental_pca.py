@@ -60,24 +60,24 @@ def partial_fit_many(states: list[PcaState], inputs: list[torch.Tensor], tau: fl
             _fit_stacked([states[i] for i in chunk], torch.stack([inputs[i] for i in chunk]).float(), tau)
 
 
-def _moments(x: torch.Tensor, states: list[PcaState]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Updated mean and variance (L, d) float64 and the new total count.
+def _moments(x: torch.Tensor, states: list[PcaState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Updated mean and variance (L, d) float64 and the new sample counts (L, 1) float64.
 
     Args:
-        x: (L, n, d) float32, the new samples of L layers that have all seen the same number of samples.
+        x: (L, n, d) float32, the new samples of L layers (the layers may have seen different numbers before).
     """
     n = x.shape[1]
-    last = states[0].n_seen
-    total = last + n
     new_sum = x.sum(dim=1, dtype=torch.float64)  # (L, d)
     centred = x - (new_sum / n)[:, None, :]  # (L, n, d) float64
     correction = centred.sum(dim=1, dtype=torch.float64).square()
     new_unnormalised = centred.square_().sum(dim=1, dtype=torch.float64) - correction / n
-    if last == 0:
+    if not states[0].fitted:
+        total = torch.full((len(states), 1), float(n), dtype=torch.float64, device=x.device)
         return new_sum / total, new_unnormalised / total, total
-    last_mean = torch.stack([s.mean for s in states])
+    last = torch.tensor([[float(s.n_seen)] for s in states], dtype=torch.float64, device=x.device)  # (L, 1)
+    total = last + n
+    last_sum = torch.stack([s.mean for s in states]) * last
     last_var = torch.stack([s.var for s in states])
-    last_sum = last_mean * last
     ratio = last / n
     unnormalised = last_var * last + new_unnormalised + ratio / total * (last_sum / ratio - new_sum).square()
     return (last_sum + new_sum) / total, unnormalised / total, total
@@ -87,23 +87,24 @@ def _fit_stacked(states: list[PcaState], x: torch.Tensor, tau: float) -> None:
     """Incremental PCA step for L layers at once. x: (L, n, d) float32."""
     k = states[0].n_components
     n = x.shape[1]
+    previous_components = [st.components for st in states]
     mean, var, total = _moments(x, states)
     if not states[0].fitted:
         x -= mean[:, None, :]
         data = x  # (L, n, d)
     else:
-        last = states[0].n_seen
+        last = total - n  # (L, 1)
         batch_mean = x.mean(dim=1)  # (L, d)
         x -= batch_mean[:, None, :]
         last_mean = torch.stack([s.mean for s in states])
-        correction = math.sqrt((last / total) * n) * (last_mean - batch_mean)  # (L, d) float64
+        correction = torch.sqrt((last / total) * n) * (last_mean - batch_mean)  # (L, d) float64
         previous = torch.stack([s.singular_values[:, None] * s.components for s in states])  # (L, k, d)
         data = torch.cat([previous, x, correction[:, None, :]], dim=1)  # (L, k + n + 1, d), float64 by promotion
     vt, s = _randomised_svd(data, 2 * k)
     ratio = s.square() / (var * total).sum(dim=-1, keepdim=True)  # (L, q)
-    previous_components = [st.components for st in states]
+    counts = total[:, 0].tolist()
     for i, st in enumerate(states):
-        st.n_seen, st.mean, st.var = total, mean[i], var[i]
+        st.n_seen, st.mean, st.var = int(counts[i]), mean[i], var[i]
         st.components, st.singular_values, st.explained_variance_ratio = vt[i, :k], s[i, :k], ratio[i, :k]
     if previous_components[0] is not None:
         sim = F.cosine_similarity(vt[:, :k], torch.stack(previous_components).to(vt.dtype), dim=-1)  # (L, k)
