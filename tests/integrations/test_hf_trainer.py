@@ -159,3 +159,13 @@ def test_resume_from_a_folder_without_adapter_files_is_an_error(tmp_path):
     trainer = LorakitTrainer(model=_model(), args=_args(tmp_path / "run"), train_dataset=RepeatedRows())
     with pytest.raises(ValueError, match=r"No adapter files .* for the model's adapters \['default'\]"):
         trainer._load_from_checkpoint(str(tmp_path))
+
+
+def test_resume_from_a_checkpoint_of_another_rank_names_the_folder(trained, tmp_path):
+    out, _ = trained
+    model = lorakit.get_peft_model(
+        tiny_llama(), lorakit.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], r=2)
+    )
+    trainer = LorakitTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=RepeatedRows())
+    with pytest.raises(ValueError, match=r"Cannot resume adapter 'default' from .*checkpoint-3: .*shape"):
+        trainer._load_from_checkpoint(str(out / f"checkpoint-{SAVE_EVERY}"))

@@ -72,7 +72,8 @@ def restore_adapters(model: PeftModel, checkpoint: str | os.PathLike) -> list[st
     Returns the restored adapter names. Raises ValueError if the checkpoint holds none of the model's adapters, or
     (from the loader) if a tensor does not fit the model.
     """
-    from ..io.checkpoint import load_adapter_weights, read_adapter_weights
+    from ..io.checkpoint import read_adapter_weights
+    from ..io.functional import set_peft_model_state_dict
 
     found = {name: adapter_folder(checkpoint, name) for name in model.peft_config}
     found = {name: folder for name, folder in found.items() if has_adapter_files(folder)}
@@ -82,7 +83,10 @@ def restore_adapters(model: PeftModel, checkpoint: str | os.PathLike) -> list[st
             f"{sorted(model.peft_config)} in checkpoint {str(checkpoint)!r}."
         )
     for name, folder in found.items():
-        load_adapter_weights(model, read_adapter_weights(folder), name, folder)
+        try:
+            set_peft_model_state_dict(model, read_adapter_weights(folder), name)
+        except ValueError as err:
+            raise ValueError(f"Cannot resume adapter {name!r} from {folder}: {err}") from err
     return sorted(found)
 
 
