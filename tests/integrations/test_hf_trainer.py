@@ -169,3 +169,13 @@ def test_resume_from_a_checkpoint_of_another_rank_names_the_folder(trained, tmp_
     trainer = LorakitTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=RepeatedRows())
     with pytest.raises(ValueError, match=r"Cannot resume adapter 'default' from .*checkpoint-3: .*shape"):
         trainer._load_from_checkpoint(str(out / f"checkpoint-{SAVE_EVERY}"))
+
+
+def test_save_uses_a_state_dict_it_is_given(tmp_path):
+    """Distributed wrappers hand _save a gathered state dict: its values, not the local parameters, are written."""
+    trainer = LorakitTrainer(model=_model(), args=_args(tmp_path / "run"), train_dataset=RepeatedRows())
+    gathered = {k: torch.zeros_like(v) if "lora_" in k else v for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "saved"), state_dict=gathered)
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert saved and all(not t.any() for t in saved.values())
+    assert not set(os.listdir(tmp_path / "saved")) & FULL_MODEL_FILES

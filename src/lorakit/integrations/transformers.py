@@ -140,7 +140,8 @@ class LorakitTrainerMixin:
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, safe_serialization=getattr(self.args, "save_safetensors", True))
+        extra = {} if state_dict is None else {"state_dict": state_dict}  # a gathered state dict (SageMaker MP)
+        model.save_pretrained(output_dir, safe_serialization=getattr(self.args, "save_safetensors", True), **extra)
         processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(output_dir)
