@@ -333,6 +333,29 @@ def test_bfloat16_keeps_the_magnitude_precise_near_one():
     assert abs(ratio.item() - 1.0015) < 3e-4
 
 
+@pytest.mark.parametrize("factor", [0.01, 1.0, 30.0])
+def test_bfloat16_output_is_accurate_for_any_magnitude(factor):
+    """y = b + k z is rounded once from float32 for small and large k alike (forming it as result + D with a
+    rounded D = (k - 1) W x + ... would cancel for k << 1)."""
+    model = lorakit.get_peft_model(
+        build("mlp").to(torch.bfloat16), lorakit.LoraConfig(target_modules=["lin0", "lin1"], r=4, use_dora=True)
+    )
+    perturb(model, scale=0.05)
+    x = torch.randn(128, 10).to(torch.bfloat16)
+    for name in ("lin0", "lin1"):
+        layer = model.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_magnitude_vector["default"].weight.mul_(factor)
+            h = x if name == "lin0" else torch.randn(128, 20).to(torch.bfloat16)
+            out = layer(h).double()
+            w, a, b = (t.detach().double() for t in (layer.base_layer.weight, *layer._factors("default")))
+            s = layer.adapters["default"].scaling
+            k = layer.lora_magnitude_vector["default"].weight.double() / (w + s * b @ a).norm(dim=1)
+            bias = 0 if layer.base_layer.bias is None else layer.base_layer.bias.double()
+            expected = bias + k * (h.double() @ (w + s * b @ a).T)
+        assert ((out - expected).norm() / expected.norm()).item() < 5e-3, name
+
+
 def test_bfloat16_training_step_is_close_to_float32():
     torch.manual_seed(0)
     kind, targets = LAYER_CASES["llama"]
