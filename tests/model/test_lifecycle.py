@@ -89,6 +89,8 @@ def test_added_adapter_is_inactive_and_frozen_and_names_are_checked():
         ours.add_adapter("new", lorakit.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="without dots"):
         ours.add_adapter("a.b", lorakit.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"'float' is also an attribute of torch\.nn\.ModuleDict"):
+        ours.add_adapter("float", lorakit.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"\['nope'\] not found; existing adapters: \['default', 'new'\]"):
         ours.set_adapter("nope")
 

@@ -115,6 +115,11 @@ class LoraModel(nn.Module):
             )
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
+        if hasattr(nn.ModuleDict, adapter_name):  # per-adapter ModuleDicts cannot hold a key like "to" or "float"
+            raise ValueError(
+                f"Adapter name {adapter_name!r} is also an attribute of torch.nn.ModuleDict (which holds the adapters' "
+                "weights); choose another name."
+            )
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter may set bias != 'none'; an existing adapter already trains biases.")
         with self.adding(adapter_name):
@@ -240,6 +245,15 @@ class LoraModel(nn.Module):
             remaining = [next(iter(self.peft_config))]
         self._active = remaining
         self._apply_trainability()
+
+    # ------------------------------------------------------------------ combining adapters
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """New adapter ``adapter_name`` from a weighted combination of ``adapters`` (see lorakit.merging); keyword
+        arguments as PEFT's: combination_type="svd", svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
+        majority_sign_method."""
+        from ..merging import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------ runtime scaling
     def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
