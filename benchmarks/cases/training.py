@@ -1,0 +1,74 @@
+"""Training cases: the frozen floor (forward + backward to the inputs), a LoRA AdamW step, the same with dropout 0.1,
+each library on the same base model, adapter weights and tokens; median time and peak memory."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Row, adapter_state, peak_gib, reset_peak, time_ms, unwrap, wrap_lorakit, wrap_peft
+
+
+def _tokens(profile: dict, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, profile["vocab"], (profile["train_batch"], profile["train_seq"]), generator=gen)
+    return ids.to(device)
+
+
+def _floor(base, ids: torch.Tensor, profile: dict, device: torch.device) -> tuple[float, float | None]:
+    embed = base.get_input_embeddings()
+
+    def step():
+        inputs = embed(ids).detach().requires_grad_(True)
+        base(inputs_embeds=inputs, labels=ids).loss.backward()
+
+    base.train()
+    reset_peak(device)
+    ms = time_ms(step, device, profile["steps"], profile["warmup"])
+    return ms, peak_gib(device)
+
+
+def _lora_step(model, ids: torch.Tensor, profile: dict, device: torch.device) -> tuple[float, float | None, float]:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    losses = []
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    step()  # optimizer state exists before the peak is reset: both libraries are measured alike
+    reset_peak(device)
+    ms = time_ms(step, device, profile["steps"], profile["warmup"])
+    return ms, peak_gib(device), losses[0].item()
+
+
+def _mem(gib: float | None, floor: float | None) -> str:
+    return "" if gib is None else f"{gib:.1f} GiB ({gib / floor:.2f}x floor)" if floor else f"{gib:.1f} GiB"
+
+
+def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], object]:
+    ids = _tokens(profile, device)
+    floor_ms, floor_gib = _floor(base, ids, profile, device)
+    log(f"floor: {floor_ms:.1f} ms, peak {floor_gib}")
+    rows = [Row("training", "frozen floor: fwd + bwd to inputs", floor_ms, None, None, _mem(floor_gib, None))]
+    for dropout in (0.0, 0.1):
+        peft_model = wrap_peft(base, 1, dropout)
+        state = adapter_state(peft_model)
+        peft_ms, peft_gib, peft_loss = _lora_step(peft_model, ids, profile, device)
+        base = unwrap(peft_model)
+        lk_model = wrap_lorakit(base, state, 1, dropout)
+        lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device)
+        base = unwrap(lk_model)
+        log(f"dropout {dropout}: peft {peft_ms:.1f} ms / lorakit {lk_ms:.1f} ms; losses {peft_loss:.5f} {lk_loss:.5f}")
+        case = "LoRA step (AdamW)" + (f", dropout {dropout}" if dropout else "")
+        notes = []
+        if peft_gib is not None:
+            notes.append(f"peak peft {_mem(peft_gib, floor_gib)}, lorakit {_mem(lk_gib, floor_gib)}")
+        if dropout == 0.0:
+            notes.append(f"step-0 loss peft {peft_loss:.4f} / lorakit {lk_loss:.4f}")
+        rows.append(Row("training", case, floor_ms, peft_ms, lk_ms, "; ".join(notes)))
+    return rows, base
