@@ -7,6 +7,7 @@ causal LMs route ``adapter_names`` through ``generate``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -254,8 +255,45 @@ class PeftModel(nn.Module):
         )
 
 
+_COMMON_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "inputs_embeds",
+    "labels",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
+_SEQ2SEQ_INPUTS = (*_COMMON_INPUTS, "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds")
+_QA_INPUTS = (*_COMMON_INPUTS, "start_positions", "end_positions")
+
+
+def _named_forward(input_names: tuple[str, ...]):
+    """A ``forward`` whose signature lists the model inputs by name, as PEFT's task classes do.
+
+    transformers' Trainer drops dataset columns that ``model.forward``'s signature does not name; a bare
+    ``(*args, **kwargs)`` would make it drop them all. The call itself is passed through unchanged.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return PeftModel.forward(self, *args, **kwargs)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in input_names]
+    params += [inspect.Parameter("adapter_names", keyword, default=None)]
+    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    forward.__signature__ = inspect.Signature(params)
+    forward.__doc__ = PeftModel.forward.__doc__
+    return forward
+
+
 class PeftModelForCausalLM(PeftModel):
     """Causal LMs: generate() with KV cache and per-row adapters."""
+
+    forward = _named_forward(_COMMON_INPUTS)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
@@ -265,22 +303,25 @@ class PeftModelForSequenceClassification(PeftModel):
     """The classification head (``classifier`` or ``score``) is trained and saved in full."""
 
     auto_modules_to_save = SEQ_CLS_HEADS
+    forward = _named_forward(_COMMON_INPUTS)
 
 
 class PeftModelForTokenClassification(PeftModel):
     auto_modules_to_save = SEQ_CLS_HEADS
+    forward = _named_forward(_COMMON_INPUTS)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+    forward = _named_forward(_SEQ2SEQ_INPUTS)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     auto_modules_to_save = ("qa_outputs",)
+    forward = _named_forward(_QA_INPUTS)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    forward = _named_forward(_COMMON_INPUTS)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {

@@ -26,15 +26,15 @@ if TYPE_CHECKING:
 class _ScalingView(Mapping):
     """PEFT-style ``layer.scaling[name]`` view over the records; assignment rescales the record."""
 
-    def __init__(self, records: dict[str, AdapterRecord]) -> None:
-        self._records = records
+    def __init__(self, layer: LoraLayer) -> None:
+        self._layer = layer
+        self._records = layer.adapters
 
     def __getitem__(self, key: str) -> float:
         return self._records[key].scaling
 
     def __setitem__(self, key: str, value: float) -> None:
-        rec = self._records[key]
-        rec.scale = value / rec.base_scaling
+        self._layer._rescale(key, value / self._records[key].base_scaling)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._records)
@@ -108,7 +108,7 @@ class LoraLayer(nn.Module):
 
     @property
     def scaling(self) -> _ScalingView:
-        return _ScalingView(self.adapters)
+        return _ScalingView(self)
 
     @property
     def use_dora(self) -> dict[str, bool]:
@@ -315,20 +315,28 @@ class LoraLayer(nn.Module):
             self.set_adapter(remaining)
 
     # runtime scaling, as PEFT's set_scale / scale_layer / unscale_layer
+    def _rescale(self, adapter: str, scale: float) -> None:
+        """Set the runtime scale of ``adapter``; refused while it is merged (unmerge must subtract the merged delta)."""
+        if adapter in self.merged_adapters:
+            raise ValueError(
+                f"Adapter {adapter!r} is merged into this layer's weights; unmerge it before changing its scale."
+            )
+        self.adapters[adapter].scale = scale
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.adapters:
-            self.adapters[adapter].scale = scale
+            self._rescale(adapter, scale)
 
     def scale_layer(self, scale: float) -> None:
         for name in self._active_adapters:
             if name in self.adapters:
-                self.adapters[name].scale *= scale
+                self._rescale(name, self.adapters[name].scale * scale)
 
     def unscale_layer(self, scale: float | None = None) -> None:
         for name in self._active_adapters:
             if name in self.adapters:
                 rec = self.adapters[name]
-                rec.scale = 1.0 if scale is None else rec.scale / scale
+                self._rescale(name, 1.0 if scale is None else rec.scale / scale)
 
     # ------------------------------------------------------------------ delta, merge, unmerge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
