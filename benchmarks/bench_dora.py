@@ -11,6 +11,10 @@ saved_tensors_hooks, on any device), and the step-0 loss.
     python benchmarks/bench_dora.py                          # CPU profile (2 cores, ~1 min)
     python benchmarks/bench_dora.py --profile gpu            # the H200 profile: 1.1B Llama shape, bf16, B4 x T2048
     python benchmarks/bench_dora.py --profile gpu --cases floor,peft-dora,lorakit-dora --steps 10
+    python benchmarks/bench_dora.py --layer --dim 1024 --tokens 2048   # one Linear, cases interleaved round by round
+
+``--layer`` times forward + backward of a single d x d Linear (no optimizer) with the cases run in alternation, so
+that load from other processes hits all of them alike (use it on a busy machine).
 """
 
 from __future__ import annotations
@@ -238,6 +242,52 @@ def report(results: list[Result]) -> None:
             )
 
 
+def bench_layer(args: argparse.Namespace) -> None:
+    """One d x d Linear, forward + backward to x and the adapter; cases interleaved, min and median per case."""
+    import peft
+
+    import lorakit
+
+    device = args.device or "cpu"
+    dtype = DTYPES[args.dtype or "fp32"]
+    torch.manual_seed(0)
+    base = torch.nn.Linear(args.dim, args.dim, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype)
+    models: dict[str, torch.nn.Module] = {"floor": torch.nn.Sequential(base)}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for case in CASES[1:]:
+        lib_name, kind = case.split("-")
+        lib = peft if lib_name == "peft" else lorakit
+        layer = torch.nn.Linear(args.dim, args.dim, bias=False).to(device=device, dtype=dtype)
+        layer.load_state_dict(base.state_dict())
+        cfg = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["0"], use_dora=kind == "dora")
+        models[case] = lib.get_peft_model(torch.nn.Sequential(layer), cfg)
+        models[case].train()
+        states[kind] = seed_adapters(models[case], states.get(kind))
+
+    def step(model: torch.nn.Module) -> None:
+        inputs = x.detach().requires_grad_(True)
+        model(inputs).float().square().mean().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    times: dict[str, list[float]] = {case: [] for case in models}
+    for round_ in range(args.warmup + args.steps):
+        for case, model in models.items():
+            sync(device)
+            start = time.perf_counter()
+            step(model)
+            sync(device)
+            if round_ >= args.warmup:
+                times[case].append((time.perf_counter() - start) * 1e3)
+    print(f"layer d={args.dim} r={args.rank} T={args.tokens} dtype={dtype} device={device} torch={torch.__version__}")
+    print("| case | ms (median) | min | x floor (min) |")
+    print("| --- | --- | --- | --- |")
+    floor = min(times["floor"])
+    for case, values in times.items():
+        print(f"| {case} | {statistics.median(values):.2f} | {min(values):.2f} | {min(values) / floor:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -249,9 +299,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--layer", action="store_true", help="single-Linear micro-benchmark instead of the model")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    report(bench(args))
+    if args.layer:
+        bench_layer(args)
+    else:
+        report(bench(args))
 
 
 if __name__ == "__main__":

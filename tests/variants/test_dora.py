@@ -124,6 +124,36 @@ def test_peft_saved_adapter_loads_with_identical_logits_and_back(case, tmp_path)
     torch.testing.assert_close(_logits(back, kind), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_scaled_embedding_scales_the_adapter_term_as_peft():
+    """Embeddings that scale their output (Gemma's embed_scale) scale DoRA's adapter term too; the norm is not."""
+
+    class ScaledEmbedding(nn.Embedding):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("embed_scale", torch.tensor(3.0), persistent=False)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = ScaledEmbedding(50, 12)
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    cfg = dict(target_modules=["emb"], r=4, use_dora=True)
+    ref = peft.get_peft_model(Net(), peft.LoraConfig(**cfg))
+    perturb(ref)
+    ours = lorakit.get_peft_model(Net(), lorakit.LoraConfig(**cfg))
+    ours.load_state_dict(ref.state_dict())
+    ids = inputs("emb")["ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_magnitude_shapes_are_peft_shapes():
     ours, ref = _pair("conv")
     ours_e, ref_e = _pair("embedding")
