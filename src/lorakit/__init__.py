@@ -10,6 +10,7 @@ from .io.functional import get_peft_model_state_dict, set_peft_model_state_dict
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
+from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -41,6 +42,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "get_eva_state_dict",
+    "create_lorafa_optimizer",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
