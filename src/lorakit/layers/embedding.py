@@ -52,4 +52,8 @@ class Embedding(LoraLayer):
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         # ids (B, T) -> (B, T, r) @ (r, dim) -> (B, T, dim)
-        return (self._embed(x, lora_a.T) @ lora_b.T) * self.adapters[name].scaling
+        term = (self._embed(x, lora_a.T) @ lora_b.T) * self.adapters[name].scaling
+        embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if embed_scale is not None:  # scaled embeddings (e.g. Gemma) scale their output; the adapter term follows
+            term = term * (embed_scale.to(term.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        return term

@@ -205,10 +205,7 @@ def _forward_embedding(
     """nn.Embedding: ids x (...), result (..., dim). No dropout on the LoRA path (PEFT's math)."""
     magnitude = layer.lora_magnitude_vector[name].weight
     norm = variant.current_norm(layer, name)
-    lora = layer._lora_term(name, x)  # (..., dim), scaled
-    embed_scale = getattr(layer.get_base_layer(), "embed_scale", None)
-    if embed_scale is not None:  # scaled embeddings (e.g. Gemma) scale their output; the adapter term follows
-        lora = lora * embed_scale.to(lora.dtype) if torch.is_tensor(embed_scale) else lora * embed_scale
+    lora = layer._lora_term(name, x)  # (..., dim), scaled (and by the base's embed_scale, if any)
     return DoraScaleFunction.apply(result, None, lora, magnitude, norm, None)
 
 
