@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .alora_offsets import alora_adapters, alora_scope
 from .config import LoraConfig, TaskType
 from .integrations.checkpointing import enable_checkpointing, is_checkpointing, require_input_grads
 from .mixed import batch_size_of, check_adapter_names
@@ -106,21 +107,22 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ forward and mixed batches
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters in the
-        batch (eval mode only; see ``lorakit.mixed``)."""
-        if adapter_names is None:
+        batch (eval mode only; see ``lorakit.mixed``). aLoRA adapters get their offsets from ``input_ids``
+        (``lorakit.alora_offsets``)."""
+        if adapter_names is None and not alora_adapters(self):
             return self.base_model(*args, **kwargs)
-        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
-        with route_batch(names):
+        names = None if adapter_names is None else check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with route_batch(names), alora_scope(self, args, kwargs, names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate (KV cache, beams, sampling); ``adapter_names`` has one name per prompt and is
-        repeated per beam / return sequence automatically."""
+        repeated per beam / return sequence automatically. aLoRA offsets come from the prompt (no beam search)."""
         generate = self.get_base_model().generate
-        if adapter_names is None:
+        if adapter_names is None and not alora_adapters(self):
             return generate(*args, **kwargs)
-        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
-        with route_batch(names, expandable=True):
+        names = None if adapter_names is None else check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with route_batch(names, expandable=True), alora_scope(self, args, kwargs, names, generation=True):
             return generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ gradient checkpointing

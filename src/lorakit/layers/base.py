@@ -345,7 +345,11 @@ class LoraLayer(nn.Module):
         return self._weight_from_2d(delta_matrix(a2d, b2d, self.adapters[adapter_name].scaling))
 
     def _check_mergeable(self, adapter_name: str) -> None:
-        """Layer types raise here when their adapter cannot be folded into the base weight."""
+        """Layer types (and variants, with an optional ``check_mergeable``) raise here when the adapter cannot be
+        folded into the base weight."""
+        check = getattr(self.adapters[adapter_name].variant, "check_mergeable", None)
+        if check is not None:
+            check(self, adapter_name)
 
     def _merged_weight(self, name: str, weight32: torch.Tensor) -> torch.Tensor:
         variant = self.adapters[name].variant

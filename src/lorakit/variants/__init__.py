@@ -39,4 +39,5 @@ def resolve_variant(layer: LoraLayer, config: LoraConfig) -> LoraVariant | None:
 
 
 # Built-in variants register themselves on import (after the registry above exists).
+from . import alora as _alora  # noqa: E402, F401
 from . import dora as _dora  # noqa: E402, F401
