@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cases import inference, layer, training
+from cases import inference, layer, training, tune
 from cases.common import PROFILES, Row, build_llama, fmt_ms
 
 GROUPS = {"training": training.run, "inference": inference.run, "layer": layer.run}
@@ -66,10 +66,15 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda for the gpu profile, else cpu")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
     parser.add_argument("--layers", type=int, default=None, help="override the model's layer count (quick checks)")
+    parser.add_argument("--tune", action="store_true", help="pick the fused node's weight-gradient split first")
+    parser.add_argument("--trace", action="store_true", help="print the top kernels of one lorakit training step")
+    parser.add_argument("--mixed-backends", default="auto", help="CUDA mixed-batch backends: auto,torch,triton")
     args = parser.parse_args()
     profile = dict(PROFILES[args.profile])
     if args.layers:
         profile["layers"] = args.layers
+    profile["trace"] = args.trace
+    profile["mixed_backends"] = [b.strip() for b in args.mixed_backends.split(",") if b.strip()]
     device = torch.device(args.device or ("cuda" if args.profile == "gpu" else "cpu"))
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
@@ -80,6 +85,9 @@ def main() -> None:
         print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
     log(f"{versions()}; {hardware(device)}")
+    notes = []
+    if args.tune:
+        notes.append(f"tuned WGRAD_CHUNKS={tune.run(profile, device, log)}")
     base = build_llama(profile, device) if {"training", "inference"} & set(groups) else None
     rows: list[Row] = []
     for group in groups:
@@ -87,7 +95,7 @@ def main() -> None:
         group_rows, base = GROUPS[group](base, profile, device, log)
         rows.extend(group_rows)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    header = f"### {datetime.date.today()} · {hardware(device)} · `{command}`\n\n{versions()}"
+    header = f"### {datetime.date.today()} · {hardware(device)} · `{command}`\n\n{'; '.join([versions(), *notes])}"
     table = markdown(rows, header)
     print(table)
     if args.out:

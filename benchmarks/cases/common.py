@@ -16,7 +16,7 @@ PROFILES = {
     "gpu": dict(
         hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=8, vocab=32000, dtype=torch.bfloat16,
         train_batch=4, train_seq=2048, prefill_batch=32, prefill_seq=512, mixed=(4, 16, 32),
-        decode_batch=32, decode_prompt=128, decode_tokens=32, adapters=32,
+        decode_batch=32, decode_prompt=128, decode_tokens=16, adapters=32,
         layer_d=4096, layer_ranks=(8, 16, 64), layer_tokens=(1024, 8192), steps=10, warmup=3,
     ),
     # sized for 2 CPU cores: the whole profile runs in a few minutes

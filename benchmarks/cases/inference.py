@@ -61,7 +61,7 @@ def _decode_ms(model, profile: dict, device: torch.device, names: list[str] | No
 
     with torch.inference_mode():
         one = time_ms(lambda: generate(1), device, 3, 1)
-        full = time_ms(lambda: generate(1 + n), device, 3, 1)
+        full = time_ms(lambda: generate(1 + n), device, 2, 1)
     return (full - one) / n
 
 
@@ -79,14 +79,14 @@ def _cuda_backend(name: str):
 
 def _lorakit_runs(base, state: dict, profile: dict, device: torch.device, log) -> tuple[dict, dict, object]:
     model = wrap_lorakit(base, state, profile["adapters"]).eval()
-    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    backends = profile.get("mixed_backends", ["auto"]) if device.type == "cuda" else ["auto"]
     times, outputs = {}, {}
     names = _names(profile["decode_batch"], profile["adapters"])
-    for backend in backends:
+    for i, backend in enumerate(backends):
         with _cuda_backend(backend):
             t, o = _prefill_cases(model, profile, device, "lorakit")
             t["decode"] = _decode_ms(model, profile, device, names)
-        suffix = "" if backend == "torch" else f" [{backend}]"
+        suffix = "" if i == 0 else f" [{backend}]"
         times.update({k + suffix: v for k, v in t.items() if not (suffix and k == "prefill 1")})
         outputs.update({k + suffix: v for k, v in o.items() if not (suffix and k == "prefill 1")})
         log(f"lorakit {backend}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()))

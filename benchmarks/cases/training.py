@@ -46,6 +46,25 @@ def _lora_step(model, ids: torch.Tensor, profile: dict, device: torch.device) ->
     return ms, peak_gib(device), losses[0].item()
 
 
+def _trace(model, ids: torch.Tensor, log) -> None:
+    """Log the top kernels (by device time) of one training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with profile(activities=activities) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize() if ids.is_cuda else None
+    model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    for sort in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = events.table(sort_by=sort, row_limit=25)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    log("trace of one lorakit step (fwd + bwd):\n" + table)
+
+
 def _mem(gib: float | None, floor: float | None) -> str:
     return "" if gib is None else f"{gib:.1f} GiB ({gib / floor:.2f}x floor)" if floor else f"{gib:.1f} GiB"
 
@@ -62,6 +81,8 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
         base = unwrap(peft_model)
         lk_model = wrap_lorakit(base, state, 1, dropout)
         lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device)
+        if profile.get("trace") and dropout == 0.0:
+            _trace(lk_model, ids, log)
         base = unwrap(lk_model)
         log(f"dropout {dropout}: peft {peft_ms:.1f} ms / lorakit {lk_ms:.1f} ms; losses {peft_loss:.5f} {lk_loss:.5f}")
         case = "LoRA step (AdamW)" + (f", dropout {dropout}" if dropout else "")

@@ -152,3 +152,12 @@ def test_eligibility_rejects_what_it_cannot_fuse():
     assert dropout_probability(drop.eval()) == 0.0
     assert dropout_probability(nn.Identity()) == 0.0
     assert dropout_probability(nn.AlphaDropout(0.1)) is None
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 3])
+def test_chunked_weight_gradient_equals_one_gemm(chunks):
+    from lorakit.kernels.lora_linear import chunked_weight_grad
+
+    left, right = torch.randn(512, 6), torch.randn(512, 40)
+    out = chunked_weight_grad(left, right, torch.float32, chunks)  # 3 does not divide 512: one GEMM
+    torch.testing.assert_close(out, left.t() @ right, atol=1e-4, rtol=1e-5)

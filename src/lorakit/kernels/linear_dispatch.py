@@ -50,6 +50,8 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
         return None
     if current_routing() is not None or layer.fan_in_fan_out or global_hooks_present():
         return None
+    if torch.compiler.is_compiling():
+        return None  # compiled graphs take the reference path, which the compiler fuses itself
     base = layer.base_layer
     if not plain_linear(base) or x.dtype != base.weight.dtype or x.device != base.weight.device:
         return None

@@ -56,6 +56,39 @@ def reference_lora_linear(
     return result + (F.linear(F.linear(xd, lora_a), lora_b) * scaling).to(result.dtype)
 
 
+# Weight gradients reduce over all N tokens into tiny (r, in) / (out, r) outputs; one GEMM then runs on very few
+# thread blocks. On CUDA the reduction is split into this many token chunks (a batched matmul, summed in float32).
+# 1 = one plain GEMM. Chosen by ``benchmarks/run.py --tune`` on the H200.
+WGRAD_CHUNKS = 1
+
+
+def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """left^T @ right in ``dtype``, reduced over the N rows (in ``WGRAD_CHUNKS`` chunks on CUDA).
+
+    Args:
+        left: (N, p); right: (N, q)
+    Returns:
+        (p, q)
+    """
+    return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS if left.is_cuda else 1)
+
+
+def chunked_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, chunks: int) -> torch.Tensor:
+    """left^T @ right as a batched matmul over ``chunks`` token chunks, summed in float32 (1: one plain GEMM).
+
+    Args:
+        left: (N, p); right: (N, q)
+    Returns:
+        (p, q)
+    """
+    n = left.shape[0]
+    if chunks <= 1 or n % chunks or n < 64 * chunks or not (left.is_contiguous() and right.is_contiguous()):
+        return (left.t() @ right).to(dtype)
+    left3 = left.view(chunks, n // chunks, left.shape[1])  # (C, N/C, p)
+    right3 = right.view(chunks, n // chunks, right.shape[1])  # (C, N/C, q)
+    return torch.bmm(left3.transpose(1, 2), right3).sum(0, dtype=torch.float32).to(dtype)  # (C, p, q) -> (p, q)
+
+
 def _lora_plus_base(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hs: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
@@ -133,11 +166,11 @@ class FusedLoraLinear(torch.autograd.Function):
             dx.addmm_(dy, weight)  # + dY W: the base backward GEMM accumulates onto the LoRA part
         if need_da:
             xd = x if mask is None else x.mul(mask).mul_(1.0 / (1.0 - p))
-            da = (gs.t() @ xd).to(ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
+            da = weight_grad(gs, xd, ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
         if need_db:
-            db = (dy.t() @ hs).to(ctx.dtypes[1])  # (out, N) @ (N, r) -> (out, r)
+            db = weight_grad(dy, hs, ctx.dtypes[1])  # (out, N) @ (N, r) -> (out, r)
         if need_dw:
-            dw = dy.t() @ x  # (out, in)
+            dw = weight_grad(dy, x, x.dtype)  # (out, in)
         if need_dbias:
             dbias = dy.sum(0)
         return dx, dw, dbias, da, db, None, None

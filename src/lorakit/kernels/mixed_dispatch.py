@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 # Gathered per-row factors are kept for the routing's lifetime below this many elements per layer (decode reuse).
 GATHER_CACHE_ELEMENTS = 1 << 24
 
-# Which backend runs mixed batches on CUDA: "triton" or "torch" (gather + bmm). Chosen by the GPU benchmark.
-CUDA_BACKEND = "torch"
+# Which backend runs mixed batches on CUDA: "triton", "torch" (gather + bmm), or "auto": Triton SGMV for rows of at
+# least TRITON_MIN_TOKENS tokens (prefill), cached gathers + bmm below (decode). Chosen from the H200 benchmark
+# (docs/benchmarks.md): Triton 1.29x base vs torch 1.61x on prefill with 32 adapters; torch 1.21x vs 1.83x on decode.
+CUDA_BACKEND = "auto"
+TRITON_MIN_TOKENS = 16
 
 
 @dataclass
@@ -42,9 +45,17 @@ class MixedPlan:
     device: torch.device
     stack: AdapterStack
     slots: torch.Tensor  # (rows,) long
-    backend: str  # "triton" | "torch"
-    a_rows: torch.Tensor | None = None  # (rows, R, in) when cached
+    a_rows: torch.Tensor | None = None  # (rows, R, in), gathered on first use when small enough
     b_rows: torch.Tensor | None = None  # (rows, out, R)
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's factors; kept for the routing's lifetime (decode steps) below GATHER_CACHE_ELEMENTS."""
+        if self.a_rows is not None:
+            return self.a_rows, self.b_rows
+        a_rows, b_rows = gather_factors(self.stack.a, self.stack.b, self.slots)
+        if a_rows.numel() + b_rows.numel() <= GATHER_CACHE_ELEMENTS:
+            self.a_rows, self.b_rows = a_rows, b_rows
+        return a_rows, b_rows
 
 
 def _routable(layer: LoraLayer, routing: BatchRouting, x: torch.Tensor) -> bool:
@@ -61,37 +72,31 @@ def _routable(layer: LoraLayer, routing: BatchRouting, x: torch.Tensor) -> bool:
 
 def _choose_backend(x: torch.Tensor, needs_grad: bool) -> str:
     half = x.dtype in (torch.float16, torch.bfloat16)
-    if x.device.type == "cuda" and half and not needs_grad and CUDA_BACKEND == "triton" and triton_available():
-        return "triton"
-    return "torch"
+    if x.device.type != "cuda" or not half or needs_grad or CUDA_BACKEND == "torch" or not triton_available():
+        return "torch"
+    tokens = x.shape[1]  # per row of (rows, L, in)
+    return "triton" if CUDA_BACKEND == "triton" or tokens >= TRITON_MIN_TOKENS else "torch"
 
 
 def _plan(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> MixedPlan | None:
     cached = layer.__dict__.get("_lorakit_mixed")
     if cached is not None and cached.routing is routing and cached.dtype == x.dtype and cached.device == x.device:
-        return cached
+        return cached if not torch.is_grad_enabled() or _routable(layer, routing, x) else None
     if not _routable(layer, routing, x):
         return None
     stack = adapter_stack(layer, x.dtype, x.device)
-    slots = row_slots(routing, stack, x.device)
-    backend = _choose_backend(x, torch.is_grad_enabled() and x.requires_grad)
-    plan = MixedPlan(routing, x.dtype, x.device, stack, slots, backend)
-    rows = slots.shape[0]
-    if backend == "torch" and rows * stack.a.shape[1] * (stack.a.shape[2] + stack.b.shape[1]) <= GATHER_CACHE_ELEMENTS:
-        plan.a_rows, plan.b_rows = gather_factors(stack.a, stack.b, slots)
+    plan = MixedPlan(routing, x.dtype, x.device, stack, row_slots(routing, stack, x.device))
     layer.__dict__["_lorakit_mixed"] = plan
     return plan
 
 
 def _adapter_part(plan: MixedPlan, x3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(rows, L, in) -> (rows, L, out): each row's adapter term (+ bias)."""
-    if plan.backend == "triton":
+    if _choose_backend(x3, torch.is_grad_enabled() and x3.requires_grad) == "triton":
         from .sgmv_triton import triton_gathered_lora
 
         return triton_gathered_lora(x3, plan.stack.a, plan.stack.b, plan.slots, bias)
-    if plan.a_rows is not None:
-        return gathered_lora(x3, plan.a_rows, plan.b_rows, bias)
-    return gathered_lora(x3, *gather_factors(plan.stack.a, plan.stack.b, plan.slots), bias)
+    return gathered_lora(x3, *plan.gathered(), bias)
 
 
 def fast_mixed_forward(
