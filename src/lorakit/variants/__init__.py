@@ -28,10 +28,13 @@ def register_variant(name: str, wants: Callable[[LoraConfig], bool], factory: Va
 
 
 def resolve_variant(layer: LoraLayer, config: LoraConfig) -> LoraVariant | None:
-    """The variant this adapter needs on ``layer``, or None for plain LoRA."""
-    for _name, wants, factory in VARIANTS:
-        if wants(config):
-            return factory(layer, config)
+    """The variant this adapter needs on ``layer``, or None for plain LoRA. Raises ValueError when the config asks
+    for several variants (e.g. DoRA and aLoRA): none of them composes with another."""
+    wanted = [(name, factory) for name, wants, factory in VARIANTS if wants(config)]
+    if len(wanted) > 1:
+        raise ValueError(f"The config asks for the variants {sorted(n for n, _ in wanted)}, which cannot be combined.")
+    if wanted:
+        return wanted[0][1](layer, config)
     for name, wants in REQUESTED_BY_CONFIG.items():
         if wants(config):
             raise ValueError(f"The config asks for the {name!r} variant, which this lorakit build does not provide.")

@@ -48,8 +48,6 @@ class AloraVariant:
                 f"{type(layer.get_base_layer()).__name__} is of kind {layer.layer_kind!r}. Remove it from "
                 "target_modules."
             )
-        if config.use_dora:
-            raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with DoRA (use_dora=True).")
         tokens = config.alora_invocation_tokens
         if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise ValueError(f"alora_invocation_tokens must be a non-empty list of token ids (int), got {tokens!r}.")
@@ -63,8 +61,7 @@ class AloraVariant:
         active = current_alora()
         if active is None and _in_backward():
             return self._last  # recomputation of a checkpointed block
-        if torch.is_grad_enabled():
-            self._last = active
+        self._last = active  # also under no_grad: reentrant checkpointing runs the first forward without grad
         return active
 
     # ------------------------------------------------------------------ protocol
