@@ -111,12 +111,21 @@ def test_greedy_generate_matches_peft():
     _assert_same_generation(_generate(ours, IDS, do_sample=False), _generate(ref, IDS, do_sample=False))
 
 
-def test_sampled_generate_with_several_return_sequences():
-    """Rows repeated per return sequence repeat their offsets: the same as peft on prompts repeated by hand (peft's
-    own num_return_sequences fails on aLoRA with a mask/batch size mismatch)."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["active", "adapter_names"])
+def test_sampled_generate_with_several_return_sequences(mixed):
+    """Rows repeated per return sequence repeat their offsets (and adapter names): the same as peft on prompts
+    repeated by hand (peft's own num_return_sequences fails on aLoRA with a mask/batch size mismatch)."""
     ours, ref = _pair()
-    got = _generate(ours, IDS, do_sample=True, top_k=0, num_return_sequences=2)
-    expected = _generate(ref, IDS.repeat_interleave(2, dim=0), do_sample=True, top_k=0)
+    kwargs, ref_kwargs = {}, {}
+    if mixed:
+        plain = dict(target_modules=["q_proj", "v_proj"], r=2, task_type="CAUSAL_LM", init_lora_weights=False)
+        ref.add_adapter("plain", peft.LoraConfig(**plain))
+        ours.add_adapter("plain", lorakit.LoraConfig(**plain))
+        ours.load_state_dict(ref.state_dict())
+        kwargs["adapter_names"] = ["default", "plain", "__base__"]
+        ref_kwargs["adapter_names"] = [n for n in kwargs["adapter_names"] for _ in range(2)]
+    got = _generate(ours, IDS, do_sample=True, top_k=0, num_return_sequences=2, **kwargs)
+    expected = _generate(ref, IDS.repeat_interleave(2, dim=0), do_sample=True, top_k=0, **ref_kwargs)
     _assert_same_generation(got, expected)
 
 
