@@ -139,3 +139,20 @@ def test_embedding_adapter_matches_peft(peft_in_float32):
     assert_same_parameters(ours, ref, atol=1e-6)
     assert not ours.base_model.model.emb.lora_embedding_A["default"].requires_grad
     assert torch.equal(ours.base_model.model.emb.lora_embedding_A["default"], a0)
+
+
+def test_every_trainable_adapter_is_projected_with_its_own_factors():
+    """Two active adapters (peft pairs parameters by name order and would pair A_default with A_other): each B maps
+    to its own layer and adapter; lora_B's bias and the A factors are not projected."""
+    config = dict(target_modules=["lin0", "lin1"], r=3, lora_alpha=6, init_lora_weights=False)
+    model = lorakit.get_peft_model(MLP(), lorakit.LoraConfig(**config))
+    model.add_adapter("other", lorakit.LoraConfig(**{**config, "r": 2, "lora_bias": True}))
+    model.base_model.set_adapter(["default", "other"])
+    opt = create_lorafa_optimizer(model, r=3, lora_alpha=6, lr=1e-3)
+    layers = [model.base_model.model.lin0, model.base_model.model.lin1]
+    expected = {id(layer.lora_B[name].weight): (layer, name) for layer in layers for name in ("default", "other")}
+    assert {id(b): (f.layer, f.adapter) for b, f in opt.frozen_a.items()} == expected
+    model.train()
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()  # shapes (r = 3 and r = 2) would not fit if the pairs were mixed up
+    assert all(layer.lora_B["other"].bias.requires_grad for layer in layers)
