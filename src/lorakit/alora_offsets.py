@@ -126,7 +126,8 @@ _ACTIVE: AloraActivation | None = None
 
 
 def current_alora() -> AloraActivation | None:
-    """The aLoRA offsets of the call being computed, or None (aLoRA adapters then adapt no token)."""
+    """The aLoRA offsets of the call being computed, or None outside ``PeftModel.forward`` / ``generate`` (aLoRA
+    adapters then adapt no token, with a warning)."""
     return _ACTIVE
 
 
@@ -204,7 +205,7 @@ def alora_scope(
     if generation and _uses_beam_search(model, kwargs):
         raise ValueError(f"Beam search is not supported with aLoRA adapters ({names}); use greedy or sampling.")
     input_ids = _input_ids(args, kwargs)
-    activation = None
+    activation = AloraActivation({}, prompt_len=0, generation=generation)  # no offsets: no token adapted
     if input_ids is None:
         warnings.warn(
             f"aLoRA adapters {names} need input_ids to find their invocation tokens; got "

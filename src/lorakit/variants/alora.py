@@ -3,13 +3,15 @@
 The adapter term s * B A dropout(x) is added only on the tokens at or after the start of the invocation sequence
 (``LoraConfig(alora_invocation_tokens=[...])``); the offsets come from ``lorakit.alora_offsets`` (computed once per
 ``PeftModel`` call). Earlier tokens keep the base output exactly, which is what makes the base model's KV cache of
-the prefix reusable. With no offsets (a call that bypasses ``PeftModel``, or inputs_embeds only) no token is adapted.
+the prefix reusable. With no offsets (a call that bypasses ``PeftModel``: warned; inputs_embeds only: warned by
+``alora_scope``) no token is adapted.
 
 The adapted tokens differ per row, so the adapter cannot be folded into the weight: merging raises.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,6 +84,11 @@ class AloraVariant:
         rows, tokens = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
         activation = self._activation()
         if activation is None:
+            warnings.warn(
+                f"aLoRA adapter {adapter_name!r} got no invocation offsets: the model was called directly instead of "
+                "through PeftModel.forward / generate, so the adapter adapts no token.",
+                stacklevel=2,
+            )
             selection = TokenSelection(False, torch.zeros(0, dtype=torch.long, device=x.device))
         else:
             selection = activation.token_selection(adapter_name, rows, tokens, x.device)
