@@ -1,0 +1,445 @@
+"""``lorakit train``: supervised LoRA fine-tuning of a causal LM on JSONL or text, saved in PEFT's format.
+
+    lorakit train --model ID_OR_PATH --data train.jsonl --out my-adapter --r 16 --alpha 32 --target-modules all-linear
+
+Evaluates on a held-out split before and after (loss, and exact match with --eval-generate), shows a progress bar,
+writes OUT/adapter_config.json + OUT/adapter_model.safetensors, OUT/loss.png and OUT/train_metrics.json. Ctrl-C
+saves OUT/checkpoint/; the same command with --resume continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import INTERRUPTED, CliError, one_line
+from .lora_options import add_lora_arguments, lora_config_from_args, lora_kwargs
+
+HELP = "fine-tune a causal LM with LoRA on a JSONL or text file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .loading import add_model_arguments
+    from .progress import DISPLAYS
+
+    add_model_arguments(parser)
+    io = parser.add_argument_group("data and output")
+    io.add_argument("--data", required=True, help="training data: JSONL (prompt/completion, messages, text) or text")
+    io.add_argument("--eval-data", help="held-out data (same formats); default: --eval-fraction of --data")
+    io.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out (default 0.05)")
+    io.add_argument("--out", required=True, help="folder for the adapter, loss.png and train_metrics.json")
+    io.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoint already in --out")
+    io.add_argument("--resume", action="store_true", help="continue from --out/checkpoint (same command as before)")
+    io.add_argument("--plot", default=None, help="loss-curve PNG (default OUT/loss.png; 'none' to skip)")
+    tr = parser.add_argument_group("training")
+    tr.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
+    tr.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is not given")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW), cosine decay to lr/10")
+    tr.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps with a linear warm-up")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    tr.add_argument("--max-length", type=int, default=None, help="tokens per example (default: model's, at most 1024)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only on Ctrl-C)")
+    tr.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = before/after only)")
+    tr.add_argument(
+        "--eval-generate",
+        type=int,
+        default=0,
+        help="exact-match accuracy of greedy completions on N held-out prompt/completion examples (-1 = all)",
+    )
+    tr.add_argument("--show-examples", type=int, default=3, help="held-out generations to print before/after")
+    tr.add_argument("--progress", default="auto", choices=("auto", *DISPLAYS), help="progress display")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_lora_arguments(parser)
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class Metrics:
+    loss: float | None = None
+    exact_match: Any = None  # evaluation.ExactMatch
+
+    def summary(self) -> str:
+        parts = [f"held-out loss {self.loss:.4f}" if self.loss is not None else "no held-out data"]
+        if self.exact_match is not None:
+            parts.append(f"exact match {self.exact_match}")
+        return ", ".join(parts)
+
+
+@dataclass
+class TrainOutcome:
+    out: Path
+    completed: bool
+    model: Any = None
+    tokenizer: Any = None
+    before: Metrics = field(default_factory=Metrics)
+    after: Metrics = field(default_factory=Metrics)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    plot: Path | None = None
+    steps: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- output folder
+def _describe_adapter(folder: Path) -> str:
+    try:
+        data = json.loads((folder / "adapter_config.json").read_text())
+        return f"base {data.get('base_model_name_or_path')!r}, r={data.get('r')}, targets {data.get('target_modules')}"
+    except (OSError, ValueError):
+        return "unreadable adapter_config.json"
+
+
+def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing adapter or checkpoint unless asked to (--overwrite / --resume)."""
+    from .train_state import checkpoint_dir
+
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} is a file; give a folder.")
+    if resume and overwrite:
+        raise CliError("--resume and --overwrite contradict each other; pick one.")
+    if resume:
+        return
+    if (out / "adapter_config.json").is_file() and not overwrite:
+        raise CliError(
+            f"--out {str(out)!r} already holds an adapter ({_describe_adapter(out)}); pass --overwrite to replace it "
+            "or choose another folder."
+        )
+    if checkpoint_dir(out).is_dir() and not overwrite:
+        raise CliError(
+            f"--out {str(out)!r} holds the checkpoint of an interrupted run; pass --resume to continue it or "
+            "--overwrite to start over."
+        )
+
+
+# ---------------------------------------------------------------- model and adapter
+def _check_each_target(model: Any, targets: Any) -> None:
+    """Every listed target module must name some module (the library only fails when none matches)."""
+    if not isinstance(targets, list):
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            close = difflib.get_close_matches(target.rsplit(".", 1)[-1], leaves, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise CliError(
+                f"--target-modules: no module is named {target!r}; {hint}the model's module names are: "
+                f"{', '.join(leaves[:40])}{' ...' if len(leaves) > 40 else ''}."
+            )
+
+
+def _corda_before(model: Any, config: Any, batches: list[dict]) -> None:
+    from ..init.corda import preprocess_corda
+
+    def run_model() -> None:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    preprocess_corda(model, config, run_model=run_model)
+
+
+def _eva_after(peft_model: Any, config: Any, batches: list[dict]) -> None:
+    from ..init.eva import initialize_lora_eva_weights
+
+    initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+
+
+DATA_DRIVEN_INITS: dict[str, tuple[str, Any]] = {"corda": ("before", _corda_before), "eva": ("after", _eva_after)}
+"""init_lora_weights that need data -> (when, function): 'before' runs on the plain model, 'after' on the PeftModel."""
+
+
+def build_peft_model(model: Any, config: Any, calibration: list[dict]) -> Any:
+    from ..mapping import get_peft_model
+
+    _check_each_target(model, config.target_modules)
+    when, prepare = DATA_DRIVEN_INITS.get(str(config.init_lora_weights), (None, None))
+    try:
+        if when == "before":
+            prepare(model, config, calibration)
+        peft_model = get_peft_model(model, config)
+        if when == "after":
+            prepare(peft_model, config, calibration)
+    except (ValueError, TypeError, ImportError, NotImplementedError) as err:
+        raise CliError(one_line(err)) from None
+    return peft_model
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """Everything a training run works with, built once by ``prepare``."""
+
+    args: argparse.Namespace
+    out: Path
+    model: Any
+    tokenizer: Any
+    device: Any
+    train_rows: list
+    eval_rows: list
+    pairs: list[tuple[str, str]]
+    settings: Any
+    info: dict[str, Any]
+    payload: dict[str, Any] | None
+
+
+def _settings(args: argparse.Namespace, n_rows: int) -> Any:
+    from .data import steps_per_epoch
+    from .trainer import TrainSettings
+
+    for name in ("batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    per_epoch = steps_per_epoch(n_rows, args.batch_size)
+    max_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    return TrainSettings(
+        lr=args.lr,
+        max_steps=max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=round(args.warmup_ratio * max_steps),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+    )
+
+
+def _eval_pairs(eval_examples: list, n: int) -> list[tuple[str, str]]:
+    pairs = [(e.prompt, e.completion) for e in eval_examples if e.prompt is not None and e.completion is not None]
+    return pairs if n < 0 else pairs[:n]
+
+
+def _check_resume(args: argparse.Namespace, payload: dict[str, Any], info: dict[str, Any]) -> None:
+    run = payload["run"]
+    if run["model"] != args.model:
+        raise CliError(f"--resume: the checkpoint was trained on --model {run['model']!r}, not {args.model!r}.")
+    given = lora_kwargs(args)
+    if given and given != run["lora"]:
+        diff = sorted(k for k in set(given) | set(run["lora"]) if given.get(k) != run["lora"].get(k))
+        raise CliError(
+            f"--resume: LoRA options {diff} differ from the checkpoint's ({ {k: run['lora'].get(k) for k in diff} }); "
+            "repeat the original options or leave them out."
+        )
+    changed = sorted(k for k, v in info["settings"].items() if run["settings"].get(k) != v)
+    if changed:
+        warnings.warn(
+            f"--resume: training settings {changed} differ from the checkpoint's; using the new values.", stacklevel=2
+        )
+    if run["data"] != info["data"]:
+        warnings.warn("--resume: the training data file changed since the checkpoint was written.", stacklevel=2)
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    """Validate the inputs (cheap checks first), load the model and data, build the settings."""
+    import torch
+
+    from .data import encode_all, read_examples, split_examples
+    from .loading import load_causal_lm
+    from .train_state import file_fingerprint, load_checkpoint
+
+    out = Path(args.out).expanduser()
+    check_out_dir(out, args.overwrite, args.resume)
+    payload = load_checkpoint(out) if args.resume else None
+    examples = read_examples(args.data)
+    if args.eval_data:
+        train_examples, eval_examples = examples, read_examples(args.eval_data, "--eval-data")
+    else:
+        train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_causal_lm(args)
+    max_length = args.max_length or min(1024, getattr(model.config, "max_position_embeddings", 1024) or 1024)
+    train_rows = encode_all(train_examples, tokenizer, max_length, "training")
+    eval_rows = encode_all(eval_examples, tokenizer, max_length, "held-out") if eval_examples else []
+    settings = _settings(args, len(train_rows))
+    info = {
+        "model": args.model,
+        "lora": lora_kwargs(args) if payload is None else payload["run"]["lora"],
+        "data": {"path": str(args.data), "sha256": file_fingerprint(args.data)},
+        "settings": dataclasses.asdict(settings),
+        "max_length": max_length,
+    }
+    if payload is not None:
+        _check_resume(args, payload, info)
+    pairs = _eval_pairs(eval_examples, args.eval_generate)
+    return Run(args, out, model, tokenizer, model.device, train_rows, eval_rows, pairs, settings, info, payload)
+
+
+def _measure(run: Run, peft_model: Any, batches: list) -> Metrics:
+    from .evaluation import exact_match, held_out_loss
+
+    loss = held_out_loss(peft_model, batches, run.device) if batches else None
+    match = exact_match(peft_model, run.tokenizer, run.pairs) if run.pairs else None
+    return Metrics(loss, match)
+
+
+def _print_examples(run: Run, before: Metrics, after: Metrics, stream: Any) -> None:
+    n = min(run.args.show_examples, len(run.pairs))
+    if n <= 0 or before.exact_match is None or after.exact_match is None:
+        return
+    print("held-out examples (prompt | expected | before -> after):", file=stream)
+    for (prompt, want), old, new in zip(run.pairs[:n], before.exact_match.outputs, after.exact_match.outputs):
+        print(f"  {prompt!r} | {want.strip()!r} | {old.strip()!r} -> {new.strip()!r}", file=stream)
+
+
+def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, list]:
+    """(peft_model, optimizer, state, eval batches); restores everything from the checkpoint on --resume."""
+    from ..config import LoraConfig
+    from ..io.checkpoint import read_adapter_weights
+    from ..io.functional import set_peft_model_state_dict
+    from .data import collate, eval_batches
+    from .train_state import TrainState, checkpoint_dir
+    from .trainer import make_optimizer
+
+    pad = run.tokenizer.pad_token_id
+    fixed = {"task_type": "CAUSAL_LM", "base_model_name_or_path": run.args.model, "revision": run.args.revision}
+    config = LoraConfig(**(run.info["lora"] | fixed)) if run.payload else lora_config_from_args(run.args, **fixed)
+    calibration = [collate(run.train_rows[i : i + 8], pad) for i in range(0, min(64, len(run.train_rows)), 8)]
+    calibration = [{k: v.to(run.device) for k, v in b.items()} for b in calibration]
+    peft_model = build_peft_model(run.model, config, calibration)
+    optimizer = make_optimizer(peft_model, run.settings)
+    batches = eval_batches(run.eval_rows, run.settings.batch_size, pad)
+    if run.payload is None:
+        state = TrainState()
+        before = _measure(run, peft_model, batches)
+        state.before = {"loss": before.loss, "exact_match": _em_dict(before.exact_match)}
+        if before.loss is not None:
+            state.evals.append((0, before.loss))
+        return peft_model, optimizer, state, batches
+    set_peft_model_state_dict(peft_model, read_adapter_weights(checkpoint_dir(run.out)))
+    optimizer.load_state_dict(run.payload["optimizer"])
+    state = run.payload["state"]
+    print(f"resuming from {checkpoint_dir(run.out)} at step {state.step}/{run.settings.max_steps}", file=stream)
+    return peft_model, optimizer, state, batches
+
+
+def _em_dict(match: Any) -> dict | None:
+    return None if match is None else {"correct": match.correct, "total": match.total, "outputs": match.outputs}
+
+
+def _before_metrics(state: Any) -> Metrics:
+    from .evaluation import ExactMatch
+
+    em = state.before.get("exact_match")
+    return Metrics(state.before.get("loss"), ExactMatch(em["correct"], em["total"], em["outputs"]) if em else None)
+
+
+def _header(run: Run, peft_model: Any, stream: Any) -> None:
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    config = peft_model.peft_config["default"]
+    n_layers = sum(1 for _ in peft_model.base_model.lora_layers())
+    print(
+        f"model {run.args.model}: {total - trainable:,} parameters; LoRA r={config.r} alpha={config.lora_alpha} on "
+        f"{n_layers} modules: {trainable:,} trainable ({100 * trainable / total:.2f}%)",
+        file=stream,
+    )
+    print(
+        f"data: {len(run.train_rows)} training / {len(run.eval_rows)} held-out sequences; "
+        f"{run.settings.max_steps} steps of {run.settings.batch_size * run.settings.grad_accum} on {run.device}",
+        file=stream,
+    )
+
+
+def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> TrainOutcome:
+    """The whole run; returns what happened (the demo reuses it). ``on_step(step)`` is called after each step."""
+    from .evaluation import held_out_loss
+    from .progress import make_progress
+    from .train_state import remove_checkpoint, restore_rng, save_checkpoint
+    from .trainer import train_steps
+
+    stream = stream or sys.stdout
+    run = prepare(args)
+    if args.overwrite:
+        remove_checkpoint(run.out)
+    peft_model, optimizer, state, batches = _start(run, stream)
+    _header(run, peft_model, stream)
+    before = _before_metrics(state)
+    print(f"before: {before.summary()}", file=stream)
+    if run.payload is not None:
+        restore_rng(run.payload["rng"])
+    completed = train_steps(
+        peft_model,
+        optimizer,
+        run.train_rows,
+        run.settings,
+        state,
+        device=run.device,
+        pad_id=run.tokenizer.pad_token_id,
+        progress=make_progress(args.progress, run.settings.max_steps, state.step),
+        save=lambda: save_checkpoint(run.out, peft_model, optimizer, state, run.info),
+        evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches else None,
+        on_step=on_step,
+    )
+    outcome = TrainOutcome(run.out, completed, peft_model, run.tokenizer, before, pairs=run.pairs, steps=state.step)
+    outcome.seconds = state.seconds
+    if not completed:
+        return outcome
+    peft_model.eval()
+    outcome.after = _measure(run, peft_model, batches)
+    if outcome.after.loss is not None:
+        state.evals.append((state.step, outcome.after.loss))
+    peft_model.save_pretrained(run.out)
+    remove_checkpoint(run.out)
+    outcome.plot = _write_plot(run, state)
+    _write_metrics(run, state, outcome)
+    print(f"after:  {outcome.after.summary()}", file=stream)
+    _print_examples(run, before, outcome.after, stream)
+    return outcome
+
+
+def _write_plot(run: Run, state: Any) -> Path | None:
+    if run.args.plot == "none":
+        return None
+    from .plots import plot_loss
+
+    path = Path(run.args.plot) if run.args.plot else run.out / "loss.png"
+    try:
+        name = run.args.model if len(run.args.model) <= 50 else "..." + run.args.model[-47:]
+        return plot_loss(path, state.losses, state.evals, title=f"LoRA fine-tuning of {name}")
+    except CliError as err:
+        if run.args.plot:
+            raise
+        warnings.warn(f"no loss plot: {err}", stacklevel=2)
+        return None
+
+
+def _write_metrics(run: Run, state: Any, outcome: TrainOutcome) -> None:
+    data = {
+        "model": run.args.model,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "train_seconds": round(state.seconds, 2),
+        "before": state.before,
+        "after": {"loss": outcome.after.loss, "exact_match": _em_dict(outcome.after.exact_match)},
+        "losses": state.losses,
+        "held_out_losses": state.evals,
+        "settings": run.info["settings"],
+    }
+    (run.out / "train_metrics.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    outcome = train(args)
+    if not outcome.completed:
+        sys.stderr.write(
+            f"lorakit train: interrupted at step {outcome.steps}; checkpoint saved to {outcome.out / 'checkpoint'}. "
+            "Run the same command with --resume to continue.\n"
+        )
+        return INTERRUPTED
+    files = ", ".join(p.name for p in sorted(outcome.out.glob("adapter_*")))
+    plot = f"; loss curve {outcome.plot}" if outcome.plot else ""
+    print(f"saved adapter to {outcome.out} ({files}){plot}")
+    return 0

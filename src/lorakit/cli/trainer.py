@@ -1,0 +1,147 @@
+"""The supervised fine-tuning loop of ``lorakit train``: AdamW on the trainable (LoRA) parameters, warm-up + cosine
+learning rate, gradient clipping, progress display, periodic and Ctrl-C checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .data import Encoded, batch_at, to_device
+from .progress import Progress
+from .train_state import TrainState
+
+
+@dataclass
+class TrainSettings:
+    lr: float = 2e-4
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int = 0
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to a tenth of ``lr`` at ``max_steps``."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+class StopRequest:
+    """Set by the first Ctrl-C: the loop finishes its step, saves a checkpoint and returns."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def ctrl_c_saves() -> Iterator[StopRequest]:
+    """Turn SIGINT into a stop request while training (a second Ctrl-C aborts at once)."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        sys.stderr.write("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)\n")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Throughput:
+    """Tokens per second over the last few steps."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.samples: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def add(self, seconds: float, tokens: int) -> float:
+        self.samples.append((seconds, tokens))
+        total_s = sum(s for s, _ in self.samples)
+        return sum(t for _, t in self.samples) / total_s if total_s > 0 else 0.0
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rows: list[Encoded],
+    s: TrainSettings,
+    state: TrainState,
+    *,
+    device: torch.device,
+    pad_id: int,
+    progress: Progress,
+    save: Callable[[], None],
+    evaluate: Callable[[], float] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> bool:
+    """Run optimiser steps from ``state.step`` to ``s.max_steps``; returns False if stopped by Ctrl-C (after
+    saving a checkpoint), True when all steps ran. ``state`` is updated in place."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    speed = Throughput()
+    smoothed: float | None = None
+    model.train()
+    with ctrl_c_saves() as stop, progress:
+        while state.step < s.max_steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state.step, s)
+            loss_sum, tokens = 0.0, 0
+            for micro in range(s.grad_accum):
+                batch = to_device(
+                    batch_at(rows, state.step * s.grad_accum + micro, s.batch_size, s.seed, pad_id), device
+                )
+                loss = model(**batch).loss / s.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            if s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            elapsed = time.perf_counter() - t0
+            state.tokens += tokens
+            state.seconds += elapsed
+            state.losses.append((state.step, loss_sum))
+            smoothed = loss_sum if smoothed is None else 0.9 * smoothed + 0.1 * loss_sum
+            progress.update(state.step, smoothed, speed.add(elapsed, tokens))
+            if evaluate is not None and s.eval_every and state.step % s.eval_every == 0 and state.step < s.max_steps:
+                state.evals.append((state.step, evaluate()))
+                model.train()
+            if on_step is not None:
+                on_step(state.step)
+            if stop.requested:
+                save()
+                return False
+            if s.save_every and state.step % s.save_every == 0 and state.step < s.max_steps:
+                save()
+    return True
