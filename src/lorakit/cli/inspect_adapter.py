@@ -118,8 +118,9 @@ def analyse(config: Any, tensors: dict[str, Any]) -> tuple[list[LayerReport], di
     return layers, others
 
 
-def _summary(folder: str, config: Any, tensors: dict[str, Any], layers: list[LayerReport]) -> dict[str, Any]:
+def _summary(folder: str, config: Any, tensors: dict[str, Any], layers: list[LayerReport], others: dict) -> dict:
     n_params = sum(int(t.numel()) for t in tensors.values())
+    n_full = sum(math.prod(shape) for shape in others.values())
     n_bytes = sum(int(t.numel()) * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {
@@ -138,6 +139,7 @@ def _summary(folder: str, config: Any, tensors: dict[str, Any], layers: list[Lay
         "modules_to_save": config.modules_to_save,
         "adapted_modules": len(layers),
         "parameters": n_params,
+        "lora_parameters": n_params - n_full,
         "bytes": n_bytes,
         "dtypes": dtypes,
         "peft_version": config.peft_version,
@@ -164,7 +166,11 @@ def _print_report(summary: dict[str, Any], layers: list[LayerReport], others: di
     )
     print(
         f"parameters   {summary['parameters']:,} ({summary['bytes'] / 1e6:.2f} MB, {'/'.join(summary['dtypes'])})"
-        + (f"; {len(others)} full tensors (modules_to_save / embeddings)" if others else "")
+        + (
+            f": {summary['lora_parameters']:,} in LoRA factors, the rest in {len(others)} full tensors"
+            if others
+            else ""
+        )
     )
     rows = [
         [
@@ -187,7 +193,7 @@ def _print_report(summary: dict[str, Any], layers: list[LayerReport], others: di
 def run(args: argparse.Namespace) -> int:
     config, tensors = read_adapter(args.adapter)
     layers, others = analyse(config, tensors)
-    summary = _summary(args.adapter, config, tensors, layers)
+    summary = _summary(args.adapter, config, tensors, layers, others)
     if args.json:
         report = summary | {"layers": [asdict(layer) for layer in layers], "other_tensors": others}
         print(json.dumps(report, indent=1, default=str))

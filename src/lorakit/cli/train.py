@@ -128,7 +128,7 @@ def _check_each_target(model: Any, targets: Any) -> None:
     if not isinstance(targets, list):
         return
     names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not any(m.children())})
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
             close = difflib.get_close_matches(target.rsplit(".", 1)[-1], leaves, n=3)
