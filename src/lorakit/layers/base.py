@@ -142,6 +142,7 @@ class LoraLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The adapted parameter (merge, unmerge and init read and write it); the base layer's weight."""
         return self.get_base_layer().weight
 
     @property
@@ -242,17 +243,17 @@ class LoraLayer(nn.Module):
 
     def base_weight_2d(self) -> torch.Tensor:
         """A float32 (out, in) copy of the base weight (quantised layers override to dequantise)."""
-        return self._weight_to_2d(self.get_base_layer().weight.detach()).float().clone()
+        return self._weight_to_2d(self.weight.detach()).float().clone()
 
     def write_base_weight_2d(self, matrix: torch.Tensor) -> None:
         """Replace the base weight with a (out, in) matrix, cast to its dtype (quantised layers re-quantise)."""
-        weight = self.get_base_layer().weight
+        weight = self.weight
         with torch.no_grad():
             weight.data = self._weight_from_2d(matrix).to(device=weight.device, dtype=weight.dtype).contiguous()
 
     def _move_adapter(self, name: str, autocast_adapter_dtype: bool) -> None:
         """Put the adapter on the base weight's device; float32 on fp16/bf16 bases when autocasting."""
-        weight = self.get_base_layer().weight
+        weight = self.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
@@ -372,17 +373,17 @@ class LoraLayer(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold adapters into the base weight (float32 math, cast back); safe_merge checks finiteness first."""
         names = self._adapters_to_merge(adapter_names)
-        base = self.get_base_layer()
+        base, weight = self.get_base_layer(), self.weight
         for name in names:
             self._check_mergeable(name)
-            new_weight = self._merged_weight(name, base.weight.detach().float())
+            new_weight = self._merged_weight(name, weight.detach().float())
             bias_delta = self._bias_delta(name)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if bias_delta is not None and base.bias is None:
                 raise ValueError(f"Adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
             with torch.no_grad():
-                base.weight.data = new_weight.to(base.weight.dtype)
+                weight.data = new_weight.to(weight.dtype)
                 if bias_delta is not None:
                     base.bias.data = (base.bias.float() + bias_delta).to(base.bias.dtype)
             self.merged_adapters.append(name)
@@ -392,11 +393,11 @@ class LoraLayer(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
+        base, weight = self.get_base_layer(), self.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                base.weight.data = self._unmerged_weight(name, base.weight.detach().float()).to(base.weight.dtype)
+                weight.data = self._unmerged_weight(name, weight.detach().float()).to(weight.dtype)
                 bias_delta = self._bias_delta(name)
                 if bias_delta is not None:
                     base.bias.data = (base.bias.float() - bias_delta).to(base.bias.dtype)
