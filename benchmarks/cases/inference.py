@@ -49,7 +49,7 @@ def _prefill_cases(model, profile: dict, device: torch.device, lib: str) -> tupl
     return times, outputs
 
 
-def _decode_ms(model, profile: dict, device: torch.device, names: list[str] | None) -> float:
+def _decode_ms(model, profile: dict, device: torch.device, names: list[str] | None, reps: int = 2) -> float:
     ids = _decode_ids(profile, device)
     extra = {} if names is None else {"adapter_names": names}
     n = profile["decode_tokens"]
@@ -61,8 +61,26 @@ def _decode_ms(model, profile: dict, device: torch.device, names: list[str] | No
 
     with torch.inference_mode():
         one = time_ms(lambda: generate(1), device, 3, 1)
-        full = time_ms(lambda: generate(1 + n), device, 2, 1)
+        full = time_ms(lambda: generate(1 + n), device, reps, 1 if reps > 1 else 0)
     return (full - one) / n
+
+
+def _trace_mixed(model, profile: dict, device: torch.device, log) -> None:
+    """Log where one mixed-batch prefill (every adapter) spends host and device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids = _prefill_ids(profile, device)
+    names = _names(ids.shape[0], profile["adapters"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), torch_profile(activities=activities) as prof:
+        model(input_ids=ids, adapter_names=names)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    log("trace of one mixed prefill, by host time:\n" + events.table(sort_by="cpu_time_total", row_limit=18))
+    with contextlib.suppress(Exception):
+        log("by device time:\n" + events.table(sort_by="self_device_time_total", row_limit=12))
 
 
 @contextlib.contextmanager
@@ -85,7 +103,9 @@ def _lorakit_runs(base, state: dict, profile: dict, device: torch.device, log) -
     for i, backend in enumerate(backends):
         with _cuda_backend(backend):
             t, o = _prefill_cases(model, profile, device, "lorakit")
-            t["decode"] = _decode_ms(model, profile, device, names)
+            t["decode"] = _decode_ms(model, profile, device, names, reps=3)
+            if profile.get("trace") and i == 0:
+                _trace_mixed(model, profile, device, log)
         suffix = "" if i == 0 else f" [{backend}]"
         times.update({k + suffix: v for k, v in t.items() if not (suffix and k == "prefill 1")})
         outputs.update({k + suffix: v for k, v in o.items() if not (suffix and k == "prefill 1")})
@@ -100,7 +120,8 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
     peft_model = wrap_peft(base, profile["adapters"]).eval()
     state = adapter_state(peft_model)
     peft_t, peft_o = _prefill_cases(peft_model, profile, device, "peft")
-    peft_t["decode"] = _decode_ms(peft_model, profile, device, _names(profile["decode_batch"], profile["adapters"]))
+    names = _names(profile["decode_batch"], profile["adapters"])
+    peft_t["decode"] = _decode_ms(peft_model, profile, device, names, reps=1)  # ~50x slower: one run suffices
     log("peft: " + ", ".join(f"{k} {v:.1f} ms" for k, v in peft_t.items()))
     base = unwrap(peft_model)
     lk_t, lk_o, base = _lorakit_runs(base, state, profile, device, log)

@@ -30,7 +30,12 @@ def _param_key(param: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _factor_params(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer.lora_A[name].weight, layer.lora_B[name].weight
+    # straight to the parameter dicts: nn.Module.__getattr__ costs microseconds, and this runs per adapter per layer
+    modules = layer.__dict__["_modules"]
+    return (
+        modules["lora_A"]._modules[name]._parameters["weight"],
+        modules["lora_B"]._modules[name]._parameters["weight"],
+    )
 
 
 def cast_factors(layer: LoraLayer, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +79,12 @@ def stackable(layer: LoraLayer, name: str) -> bool:
 
 def _stack_key(layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple:
     parts: list[Any] = [dtype, device]
+    records = layer.adapters
     for name in names:
         a_param, b_param = _factor_params(layer, name)
-        parts.append((name, _param_key(a_param), _param_key(b_param), layer.adapters[name].scaling))
+        a_key = (id(a_param), a_param._version, a_param.data_ptr())
+        b_key = (id(b_param), b_param._version, b_param.data_ptr())
+        parts.append((name, a_key, b_key, records[name].scaling))
     return tuple(parts)
 
 

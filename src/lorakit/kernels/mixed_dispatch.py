@@ -60,10 +60,11 @@ class MixedPlan:
 
 def _routable(layer: LoraLayer, routing: BatchRouting, x: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled()
+    dropouts = layer.__dict__["_modules"]["lora_dropout"]._modules
     for name in routing.groups:
         if name == BASE_ADAPTER or name not in layer.adapters:
             continue
-        if not stackable(layer, name) or dropout_probability(layer.lora_dropout[name]) != 0.0:
+        if not stackable(layer, name) or dropout_probability(dropouts[name]) != 0.0:
             return False
         if grad and any(p.requires_grad for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)):
             return False  # the stack is a detached copy: let autograd see the real factors
