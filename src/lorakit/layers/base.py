@@ -371,19 +371,22 @@ class LoraLayer(nn.Module):
         return self.lora_B[name].bias.detach().float() * self.adapters[name].scaling
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters into the base weight (float32 math, cast back); safe_merge checks finiteness first."""
+        """Fold adapters into the base weight (float32 math, cast back); safe_merge checks finiteness first.
+
+        The weight is read through ``base_weight_2d`` and written through ``write_base_weight_2d``, so quantised
+        layers dequantise and re-quantise here exactly as for PiSSA/OLoRA."""
         names = self._adapters_to_merge(adapter_names)
-        base, weight = self.get_base_layer(), self.weight
+        base = self.get_base_layer()
         for name in names:
             self._check_mergeable(name)
-            new_weight = self._merged_weight(name, weight.detach().float())
+            new_weight = self._merged_weight(name, self._weight_from_2d(self.base_weight_2d()))
             bias_delta = self._bias_delta(name)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if bias_delta is not None and base.bias is None:
                 raise ValueError(f"Adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
+            self.write_base_weight_2d(self._weight_to_2d(new_weight))
             with torch.no_grad():
-                weight.data = new_weight.to(weight.dtype)
                 if bias_delta is not None:
                     base.bias.data = (base.bias.float() + bias_delta).to(base.bias.dtype)
             self.merged_adapters.append(name)
@@ -393,11 +396,12 @@ class LoraLayer(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base, weight = self.get_base_layer(), self.weight
+        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            weight32 = self._weight_from_2d(self.base_weight_2d())
+            self.write_base_weight_2d(self._weight_to_2d(self._unmerged_weight(name, weight32)))
             with torch.no_grad():
-                weight.data = self._unmerged_weight(name, weight.detach().float()).to(weight.dtype)
                 bias_delta = self._bias_delta(name)
                 if bias_delta is not None:
                     base.bias.data = (base.bias.float() - bias_delta).to(base.bias.dtype)
