@@ -48,8 +48,16 @@ class Linear(LoraLayer):
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         fast = fast_term(self, name, x)  # activation dtype, no float32 copy of x; None -> reference below
-        if fast is not None:
-            return fast
+        return fast if fast is not None else self._reference_term(name, x)
+
+    def _reference_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's math: x cast to the adapter's dtype, s * B(A(dropout(x))) in that dtype (the caller casts back).
+
+        Args:
+            x: (..., in)
+        Returns:
+            (..., out) in the adapter's dtype
+        """
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
         # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
