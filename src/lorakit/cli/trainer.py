@@ -107,7 +107,7 @@ def train_steps(
     saving a checkpoint), True when all steps ran. ``state`` is updated in place."""
     params = [p for p in model.parameters() if p.requires_grad]
     speed = Throughput()
-    smoothed: float | None = None
+    smoothed: float | None = state.losses[-1][1] if state.losses else None
     model.train()
     with ctrl_c_saves() as stop, progress:
         while state.step < s.max_steps:
