@@ -9,11 +9,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch.nn as nn
 
 from ..config import LoraConfig
 from .base import LoraLayer
+from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear
@@ -32,11 +34,15 @@ def _is_conv1d_transformers(module: nn.Module, _config: LoraConfig) -> bool:
     return isinstance(module, Conv1D)
 
 
-def _build_linear(module: nn.Module, config: LoraConfig) -> LoraLayer:
+def _build_linear(module: nn.Module, config: LoraConfig, layer_cls: type[Linear] = Linear) -> LoraLayer:
     if config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out=True does not apply to torch.nn.Linear; setting it to False.", stacklevel=5)
+        warnings.warn(
+            f"fan_in_fan_out=True does not apply to {type(module).__name__} (weight stored (out, in)); setting it "
+            "to False.",
+            stacklevel=5,
+        )
         config.fan_in_fan_out = False  # written back into the config, as PEFT does
-    return Linear(module, fan_in_fan_out=False)
+    return layer_cls(module, fan_in_fan_out=False)
 
 
 def _build_conv1d_transformers(module: nn.Module, config: LoraConfig) -> LoraLayer:
@@ -51,6 +57,9 @@ def _build_conv1d_transformers(module: nn.Module, config: LoraConfig) -> LoraLay
 
 
 LAYER_TYPES: list[LayerType] = [
+    # bitsandbytes' layers subclass nn.Linear, so they come first; recognised without importing bitsandbytes
+    LayerType("bnb_8bit", is_bnb_8bit, partial(_build_linear, layer_cls=Linear8bitLt)),
+    LayerType("bnb_4bit", is_bnb_4bit, partial(_build_linear, layer_cls=Linear4bit)),
     LayerType("embedding", lambda m, c: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
     LayerType("conv", lambda m, c: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
     LayerType("linear", lambda m, c: isinstance(m, nn.Linear), _build_linear),
@@ -74,6 +83,7 @@ def create_lora_layer(module: nn.Module, config: LoraConfig, module_name: str) -
             return entry.build(module, config)
     raise ValueError(
         f"Target module {module_name!r} of type {type(module).__name__} is not supported. LoRA supports: "
-        f"{', '.join(e.name for e in LAYER_TYPES)} (torch.nn.Linear, Embedding, Conv1d/2d/3d, transformers Conv1D); "
+        f"{', '.join(e.name for e in LAYER_TYPES)} (bitsandbytes Linear8bitLt/Linear4bit, torch.nn.Linear, Embedding, "
+        "Conv1d/2d/3d, transformers Conv1D); "
         "register others with lorakit.layers.register_layer_type."
     )
