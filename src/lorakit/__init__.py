@@ -6,7 +6,9 @@
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .init.corda import preprocess_corda
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
+from .init.loftq_replace import replace_lora_weights_loftq
 from .io.functional import get_peft_model_state_dict, set_peft_model_state_dict
+from .kbit import prepare_model_for_kbit_training
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
@@ -48,7 +50,9 @@ __all__ = [
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "preprocess_corda",
     "register_layer_type",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

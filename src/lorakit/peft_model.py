@@ -87,12 +87,13 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; 4-bit packed parameters count twice, as PEFT does."""
+        """(trainable, all) parameter counts; a packed 4-bit parameter counts two values per storage byte, as PEFT
+        does (x2 for uint8 storage, x4 for bnb_4bit_quant_storage=bfloat16)."""
         trainable = total = 0
         for param in self.parameters():
             n = param.numel()
             if param.__class__.__name__ == "Params4bit":
-                n *= 2
+                n *= 2 * param.element_size()
             total += n
             if param.requires_grad:
                 trainable += n
