@@ -17,15 +17,34 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 
 def delta_matrix(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s * B @ A computed in float32.
+    """s * B @ A computed in float32; batched over leading dims (one delta per MoE expert).
 
     Args:
-        lora_a: (r, in)
-        lora_b: (out, r)
+        lora_a: (r, in) or (E, r, in)
+        lora_b: (out, r) or (E, out, r)
     Returns:
-        (out, in) float32
+        (out, in) or (E, out, in) float32
     """
     return (lora_b.float() @ lora_a.float()) * scaling
+
+
+def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float) -> torch.Tensor:
+    """weight + s * left @ right in weight's dtype, as one fused (b)addmm: no separate delta tensor is built.
+
+    Used while a module runs with an adapted parameter (``target_parameters``); ``left @ right`` is B @ A, or
+    A^T @ B^T for parameters stored transposed.
+
+    Args:
+        weight: (m, n) or (E, m, n)
+        left: (m, r) or (E, m, r)
+        right: (r, n) or (E, r, n)
+    Returns:
+        a new tensor shaped and typed like weight
+    """
+    left, right = left.to(weight.dtype), right.to(weight.dtype)
+    fused = torch.addmm if weight.dim() == 2 else torch.baddbmm
+    with torch.autocast(device_type=weight.device.type, enabled=False):  # keep the parameter's dtype
+        return fused(weight, left, right, alpha=scaling)
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:

@@ -110,8 +110,6 @@ def test_lora_bias_on_embedding_is_rejected():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        (dict(target_modules=["lin0"], target_parameters=["lin1.weight"]), "target_parameters"),
-        (dict(target_modules=["lin0"], trainable_token_indices=[1, 2]), "trainable_token_indices"),
         (dict(target_modules=["lin0"], arrow_config=dict(top_k=1)), "arrow_config"),
     ],
 )

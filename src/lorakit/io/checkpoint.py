@@ -224,5 +224,5 @@ def load_adapter_weights(
 
 def _belongs_to(key: str, adapter_name: str) -> bool:
     return (f".{adapter_name}." in key or key.endswith(f".{adapter_name}")) and (
-        ".lora_" in key or ".modules_to_save." in key
+        ".lora_" in key or ".modules_to_save." in key or ".trainable_tokens_delta." in key
     )

@@ -22,6 +22,8 @@ PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 _LORA_PARAM = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(\.(weight|bias))?$")
 _MTS = re.compile(r"\.modules_to_save\.([^.]+)\.")
+TOKENS_DELTA = "token_adapter.trainable_tokens_delta"
+_TOKENS = re.compile(rf"\.{re.escape(TOKENS_DELTA)}\.([^.]+)$")
 
 
 def _lora_key_to_disk(key: str, adapter_name: str) -> str | None:
@@ -57,6 +59,11 @@ def adapter_state_dict(
         if mts is not None:
             if mts.group(1) == adapter_name:
                 out[key[: mts.start()] + "." + key[mts.end() :]] = tensor
+            continue
+        tokens = _TOKENS.search(key)
+        if tokens is not None:
+            if tokens.group(1) == adapter_name:  # rows of a tied head live (and are saved) on the embedding only
+                out[key[: tokens.start()] + "." + TOKENS_DELTA] = tensor
             continue
         if _LORA_PARAM.search(key) is None and _bias_saved(peft_model, key, config):
             out[key] = tensor
@@ -117,7 +124,8 @@ def _embedding_tensors(
             continue
         prefix = names[id(layer)] + "."
         for key, tensor in full.items():
-            if key.startswith(prefix) and _LORA_PARAM.search(key) is None and ".modules_to_save." not in key:
+            adapter_key = _LORA_PARAM.search(key) or _TOKENS.search(key) or ".modules_to_save." in key
+            if key.startswith(prefix) and not adapter_key:
                 out[key] = tensor
     return out
 
@@ -153,6 +161,8 @@ def _disk_key_to_memory(key: str, adapter_name: str, wrappers: set[str]) -> str:
         if attr == "lora_magnitude_vector":
             suffix = ".weight"
         return key[: match.start()] + f".{attr}.{adapter_name}{suffix}"
+    if key.endswith("." + TOKENS_DELTA):
+        return f"{key}.{adapter_name}"
     for wrapper in wrappers:
         if key.startswith(wrapper + "."):
             return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1 :]}"

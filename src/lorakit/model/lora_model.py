@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer
+from ..tokens import TrainableTokensWrapper
 from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
@@ -90,6 +91,17 @@ class LoraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield module
 
+    def _token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, TrainableTokensWrapper):
+                yield name, module
+
+    def _mergeables(self) -> Iterator[tuple[str, LoraLayer | TrainableTokensWrapper]]:
+        """Everything with a merge stack: LoRA layers and trainable-token wrappers."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
+                yield name, module
+
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
@@ -164,9 +176,14 @@ class LoraModel(nn.Module):
             layer.delete_adapter(adapter_name)
         for wrapper in self._wrappers():
             wrapper.delete_adapter(adapter_name)
+        for _, tokens in self._token_wrappers():
+            tokens.delete_adapter(adapter_name)
 
     def _apply_trainability(self) -> None:
         mark_trainable(self.model, self.peft_config, self._active)
+        inference = all(self.peft_config[n].inference_mode for n in self._active if n in self.peft_config)
+        for _, tokens in self._token_wrappers():
+            tokens.set_adapter(self._active, inference_mode=inference)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their outputs add up). As in PEFT, the activated adapters become
@@ -193,12 +210,18 @@ class LoraModel(nn.Module):
             for name in names:
                 if name in wrapper.modules_to_save:
                     wrapper.modules_to_save[name].requires_grad_(requires_grad)
+        for _, tokens in self._token_wrappers():
+            for name in names:
+                for param in tokens.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
 
     def _set_layers_enabled(self, enabled: bool) -> None:
         for _, layer in self.lora_layers():
             layer.enable_adapters(enabled)
         for wrapper in self._wrappers():
             wrapper.enable_adapters(enabled)
+        for _, tokens in self._token_wrappers():
+            tokens.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
         self._set_layers_enabled(True)
@@ -220,6 +243,7 @@ class LoraModel(nn.Module):
         states = [(m, m.disable_adapters) for _, m in self.lora_layers()] + [
             (w, w.disable_adapters) for w in self._wrappers()
         ]
+        states += [(t, t.disable_adapters) for _, t in self._token_wrappers()]
         self._set_layers_enabled(False)
         try:
             yield
@@ -232,7 +256,7 @@ class LoraModel(nn.Module):
         """Remove every trace of an adapter; if it was active, another one becomes active."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}.")
-        merged_in = [n for n, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        merged_in = [n for n, layer in self._mergeables() if adapter_name in layer.merged_adapters]
         if merged_in:
             raise ValueError(
                 f"Adapter {adapter_name!r} is merged into {len(merged_in)} layers (e.g. {merged_in[0]}); "
@@ -287,12 +311,16 @@ class LoraModel(nn.Module):
         return names
 
     def _plan_merge(self, names: list[str], safe_merge: bool) -> list[tuple[str, LoraLayer, list[str]]]:
-        """(layer path, layer, adapters still to merge there) for every layer, checked before any weight changes:
-        a refused or broken merge raises here and leaves the model as it was."""
+        """(layer path, layer, adapters still to merge there) for every layer (and trainable-token wrapper), checked
+        before any weight changes: a refused or broken merge raises here and leaves the model as it was."""
         self._check_merge_allowed()
         plan = []
-        for path, layer in self.lora_layers():
+        for path, layer in self._mergeables():
             pending = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+            if isinstance(layer, TrainableTokensWrapper):
+                layer.check_merge(pending, safe_merge)
+                plan.append((path, layer, pending))
+                continue
             for name in pending:
                 layer._check_mergeable(name)
             if pending and safe_merge:
@@ -315,7 +343,7 @@ class LoraModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Undo every merge (last merged first); the base weights come back up to float rounding."""
-        for _, layer in self.lora_layers():
+        for _, layer in self._mergeables():
             if layer.merged:
                 layer.unmerge()
 
@@ -330,7 +358,7 @@ class LoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove all LoRA modules without merging; returns the original base model (original modules_to_save)."""
-        plan = [(path, layer, []) for path, layer in self.lora_layers()]
+        plan = [(path, layer, []) for path, layer in self._mergeables()]
         return self._unload(plan, [], False, "Unloading model")
 
     def _unload(
@@ -357,12 +385,12 @@ class LoraModel(nn.Module):
 def _check_finite_merge(path: str, layer: LoraLayer, pending: list[str]) -> None:
     """Compute the merged weight of ``layer`` on a copy (float32, cast to the base dtype) and raise, naming the
     adapter, if it holds NaN or inf."""
-    base = layer.get_base_layer()
-    weight = base.weight.detach().float()
+    dtype = layer.weight.dtype
+    weight = layer._weight_from_2d(layer.base_weight_2d())  # float32 copy in the weight's layout
     for name in pending:
         weight = layer._merged_weight(name, weight)
         bias = layer._bias_delta(name)
-        finite = torch.isfinite(weight.to(base.weight.dtype)).all() and (bias is None or torch.isfinite(bias).all())
+        finite = torch.isfinite(weight.to(dtype)).all() and (bias is None or torch.isfinite(bias).all())
         if not finite:
             raise ValueError(
                 f"NaNs detected in the merged weights. The adapter {name} seems to be broken (layer {path}); "
