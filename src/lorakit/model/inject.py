@@ -18,6 +18,8 @@ from ..targeting import (
     unmatched_entries,
     warn_unused_patterns,
 )
+from ..tokens import TrainableTokensWrapper, wrap_trainable_tokens
+from .inject_parameters import inject_parameters
 from .modules_to_save import ModulesToSaveWrapper
 
 
@@ -28,21 +30,19 @@ def split_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without the internals of LoRA layers and modules_to_save wrappers."""
+    """named_modules() without the internals of LoRA layers, modules_to_save and trainable-token wrappers."""
     out: list[tuple[str, nn.Module]] = []
     skip_prefixes: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
         out.append((name, module))
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             skip_prefixes.append(name + ".")
     return out
 
 
 NOT_IMPLEMENTED_SETTINGS: dict[str, Callable[[LoraConfig], bool]] = {
-    "target_parameters": lambda c: bool(c.target_parameters),
-    "trainable_token_indices": lambda c: c.trainable_token_indices is not None,
     "arrow_config": lambda c: c.arrow_config is not None,
 }
 """Config settings lorakit reads and writes back but cannot apply yet; injecting such a config raises rather than
@@ -59,8 +59,12 @@ def check_settings_implemented(config: LoraConfig) -> None:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths to adapt; resolves None / 'all-linear' into config.target_modules first (as PEFT does)."""
     config.target_modules = resolve_target_names(model, config)
+    if config.target_parameters and not config.target_modules:
+        return []  # parameters only
     modules = candidate_modules(model)
     names = [name for name, _ in modules if name and is_target(config, name)]
+    if not names and config.target_parameters:
+        return []  # inject_lora decides, once the parameters are matched too
     if not names:
         raise ValueError(explain_no_match(config, modules))
     missing = unmatched_entries(config, (n for n, _ in modules))
@@ -89,6 +93,12 @@ def inject_lora(
             f"Target module(s) {saved} are in modules_to_save of adapter(s) {owners} "
             "(trained in full), so they cannot also get LoRA; remove them from target_modules or use exclude_modules."
         )
+    tokens = [n for n, m in modules.items() if isinstance(m, TrainableTokensWrapper)]
+    if tokens:
+        raise ValueError(
+            f"Target module(s) {tokens} have trainable tokens of adapter(s) {modules[tokens[0]].adapters}; a module "
+            "gets either LoRA or trainable tokens, not both. Remove them from target_modules or use exclude_modules."
+        )
     layers = {n: m if isinstance(m, LoraLayer) else create_lora_layer(m, config, n) for n, m in modules.items()}
     for name, layer in layers.items():
         module = modules[name]
@@ -105,8 +115,31 @@ def inject_lora(
         if layer is not module:
             parent, child = split_parent(model, name)
             setattr(parent, child, layer)
-    warn_unused_patterns(config, targets)
-    return targets
+    params = inject_parameters(
+        model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    _check_something_targeted(model, config, targets, params)
+    warn_unused_patterns(config, targets + params)
+    wrap_trainable_tokens(model, config, adapter_name, autocast_adapter_dtype)
+    return targets + params
+
+
+def _check_something_targeted(model: nn.Module, config: LoraConfig, modules: list[str], params: list[str]) -> None:
+    """With target_parameters, matching no module (or no parameter) only warns as long as something matched."""
+    if not config.target_parameters:
+        return
+    if not modules and not params:
+        raise ValueError(
+            f"target_parameters {config.target_parameters} match no parameter of the model"
+            + (f" and target_modules {config.target_modules!r} no module" if config.target_modules else "")
+            + "; a parameter matches by its full path or a dotted suffix (e.g. 'experts.gate_up_proj')."
+        )
+    if config.target_modules and not modules:
+        warnings.warn(f"target_modules={config.target_modules!r} were set but no module was matched.", stacklevel=4)
+    if not params:
+        warnings.warn(
+            f"target_parameters={config.target_parameters} were set but no parameter was matched.", stacklevel=4
+        )
 
 
 def wrap_modules_to_save(
@@ -122,6 +155,8 @@ def wrap_modules_to_save(
             continue
         if isinstance(module, LoraLayer):
             raise ValueError(f"Module {name!r} is both a LoRA target and in modules_to_save; pick one.")
+        if isinstance(module, TrainableTokensWrapper):
+            raise ValueError(f"Module {name!r} has trainable tokens and is in modules_to_save; pick one.")
         found.add(hit)
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
