@@ -3,6 +3,7 @@
 ``from lorakit import LoraConfig, get_peft_model, PeftModel, TaskType`` replaces the same names from ``peft``.
 """
 
+from .arrow import create_arrow_model
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .init.corda import preprocess_corda
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -43,6 +44,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "create_arrow_model",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
     "get_eva_state_dict",

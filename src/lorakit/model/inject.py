@@ -43,7 +43,6 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 NOT_IMPLEMENTED_SETTINGS: dict[str, Callable[[LoraConfig], bool]] = {
-    "arrow_config": lambda c: c.arrow_config is not None,
 }
 """Config settings lorakit reads and writes back but cannot apply yet; injecting such a config raises rather than
 silently training something else. A feature that lands removes its entry."""

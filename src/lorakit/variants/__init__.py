@@ -1,4 +1,4 @@
-"""LoRA variants (DoRA, aLoRA, ...) as strategy objects, chosen per adapter from its config.
+"""LoRA variants (DoRA, aLoRA, Arrow, ...) as strategy objects, chosen per adapter from its config.
 
 Registry entries are ``(name, wants(config) -> bool, factory(layer, config) -> LoraVariant)``; first match wins.
 """
@@ -20,6 +20,7 @@ VARIANTS: list[tuple[str, Callable[[LoraConfig], bool], VariantFactory]] = []
 REQUESTED_BY_CONFIG: dict[str, Callable[[LoraConfig], bool]] = {
     "dora": lambda c: bool(c.use_dora),
     "alora": lambda c: c.alora_invocation_tokens is not None,
+    "arrow": lambda c: c.arrow_config is not None,
 }
 
 
@@ -43,4 +44,5 @@ def resolve_variant(layer: LoraLayer, config: LoraConfig) -> LoraVariant | None:
 
 # Built-in variants register themselves on import (after the registry above exists).
 from . import alora as _alora  # noqa: E402, F401
+from . import arrow as _arrow  # noqa: E402, F401
 from . import dora as _dora  # noqa: E402, F401
