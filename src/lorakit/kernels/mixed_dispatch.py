@@ -91,6 +91,12 @@ def _plan(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> MixedPlan
     return plan
 
 
+def planned_for(layer: LoraLayer, routing: BatchRouting) -> bool:
+    """Whether this layer already runs ``routing`` on a cached plan (it passed the mixed-batch checks for it)."""
+    plan = layer.__dict__.get("_lorakit_mixed")
+    return plan is not None and plan.routing is routing
+
+
 def _adapter_part(plan: MixedPlan, x3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(rows, L, in) -> (rows, L, out): each row's adapter term (+ bias)."""
     if _choose_backend(x3, torch.is_grad_enabled() and x3.requires_grad) == "triton":
