@@ -88,7 +88,7 @@ class TokenAdapter(nn.Module):
         dtype = weight.dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
-        self.trainable_tokens_delta[name] = nn.Parameter(original.to(dtype))
+        self.trainable_tokens_delta[name] = nn.Parameter(original.to(dtype, copy=True))
         self.trainable_tokens_original[name] = original
         self._index[name] = index
         self.token_indices[name] = list(indices)
