@@ -159,6 +159,40 @@ def test_expert_loaded_after_creation_is_routed_as_in_peft(library, monkeypatch,
     assert variant.experts(layer) == ["task_0", "task_1", "task_2", "late"]
 
 
+def test_bf16_base_routes_in_float32_as_peft(library, monkeypatch):
+    ours, ref = _pair(library["tasks"], top_k=2, model_fn=lambda: tiny_llama().to(torch.bfloat16))
+    assert ours.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").lora_A["task_0"].weight.dtype == (
+        torch.float32
+    )
+    our_logits, mine = _lorakit_coefficients(ours, IDS, monkeypatch)
+    theirs_logits, theirs = _peft_coefficients(ref, IDS, monkeypatch)
+    assert our_logits.dtype == torch.bfloat16 and sorted(mine) == sorted(theirs)
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_logits, theirs_logits, atol=0, rtol=0)
+
+
+def test_saved_arrow_model_reloads_with_the_same_routing(library, tmp_path):
+    ours = lorakit.create_arrow_model(
+        tiny_llama(), library["tasks"], lorakit.ArrowConfig(top_k=2, router_temperature=0.5)
+    )
+    with torch.no_grad():
+        expected = ours(IDS).logits
+    ours.save_pretrained(str(tmp_path))
+    again = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "task_0"), adapter_name="task_0")
+    for name in ("task_1", "task_2", "task_3", ROUTER):
+        again.load_adapter(str(tmp_path / name), adapter_name=name)
+    again.set_adapter(ROUTER)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, expected, atol=1e-6, rtol=0)
+    layer, variant = _routers(again)[0]
+    assert (variant.top_k, variant.temperature, variant.experts(layer)) == (
+        2,
+        0.5,
+        ["task_0", "task_1", "task_2", "task_3"],
+    )
+
+
 # ---------------------------------------------------------------------- the math
 def test_prototypes_are_the_exact_top_right_singular_vectors():
     g = torch.Generator().manual_seed(0)

@@ -237,7 +237,7 @@ class ArrowVariant:
         """
         delta = self.route(layer, x).delta()  # (t, out)
         delta = layer.lora_dropout[adapter_name](delta)  # as PEFT: the router's dropout acts on the output
-        return result + delta.reshape(result.shape).to(result.dtype)
+        return (result + delta.reshape(result.shape)).to(result.dtype)  # one rounding, as PEFT
 
     def check_mergeable(self, layer: LoraLayer, adapter_name: str) -> None:
         raise ValueError(
