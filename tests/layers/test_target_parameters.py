@@ -165,3 +165,9 @@ def test_mixed_batches_are_refused():
     _, ours = _pair("einsum")
     with pytest.raises(ValueError, match=r"Mixed-adapter batches .* do not support target_parameters adapters"):
         ours(_inputs("einsum"), adapter_names=["default"] * 7)
+
+
+def test_weighted_combination_is_refused():
+    _, ours = _pair("einsum")
+    with pytest.raises(ValueError, match=r"add_weighted_adapter does not support targeting nn.Parameter"):
+        ours.base_model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")

@@ -254,3 +254,9 @@ def test_greedy_generate_matches_peft():
     prompt = batch()[:, :4]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(input_ids=prompt, **kwargs), ref.generate(input_ids=prompt, **kwargs))
+
+
+def test_weighted_combination_of_token_adapters_is_refused():
+    _, ours = _pair()
+    with pytest.raises(ValueError, match=r"cannot combine trainable token rows \(adapters \['default'\]\)"):
+        ours.base_model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")

@@ -28,6 +28,12 @@ def _check_sources(model: LoraModel, adapters: list[str], weights: list[float], 
     dora = [a for a in adapters if model.peft_config[a].use_dora]
     if dora:
         raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters (magnitude vectors): {dora}.")
+    params = [a for a in adapters if model.peft_config[a].target_parameters]
+    if params:  # as PEFT
+        raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (adapters {params}).")
+    tokens = [a for a in adapters if model.peft_config[a].trainable_token_indices is not None]
+    if tokens:
+        raise ValueError(f"add_weighted_adapter cannot combine trainable token rows (adapters {tokens}).")
     for wrapper in model._wrappers():
         owners = [a for a in adapters if a in wrapper.modules_to_save]
         if len(owners) > 1:
