@@ -98,6 +98,7 @@ def test_merge_unmerge_and_merge_and_unload(case):
     _, ours = _pair(case, init_lora_weights=False)
     merged = ours.merge_and_unload()
     assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    assert not any("base_layer" in name for name, _ in merged.named_modules(remove_duplicate=False))
     assert set(dict(merged.named_parameters())) == set(params)
     torch.testing.assert_close(output(merged, x), expected, atol=1e-5, rtol=1e-5)
 

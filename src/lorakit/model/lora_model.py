@@ -369,11 +369,15 @@ class LoraModel(nn.Module):
             from tqdm.auto import tqdm
 
             iterator = tqdm(plan, desc=desc)
+        unwrapped: list[str] = []
         for path, layer, pending in iterator:
             if pending:
                 layer.merge(adapter_names=pending)
+            if any(path.startswith(done + ".") for done in unwrapped):
+                continue  # nested inside a wrapper already replaced by its base (target_parameters wrappers)
             parent, child = split_parent(self.model, path)
             setattr(parent, child, layer.get_base_layer())
+            unwrapped.append(path)
         for path, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 parent, child = split_parent(self.model, path)
