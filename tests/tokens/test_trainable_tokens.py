@@ -260,3 +260,17 @@ def test_weighted_combination_of_token_adapters_is_refused():
     _, ours = _pair()
     with pytest.raises(ValueError, match=r"cannot combine trainable token rows \(adapters \['default'\]\)"):
         ours.base_model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+def test_saving_an_adapter_without_tokens_next_to_one_with_tokens(tmp_path):
+    _, ours = _pair()
+    ours.add_adapter("plain", lorakit.LoraConfig(target_modules=["v_proj"], init_lora_weights=False))
+    lorakit.set_peft_model_state_dict(ours, randomise(lorakit.get_peft_model_state_dict(ours)))
+    ours.save_pretrained(tmp_path)  # PEFT 0.21 fails here; both adapters are written
+    assert DELTA_KEY not in load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama_tokens(), tmp_path)
+    loaded.load_adapter(tmp_path / "plain", "plain")
+    for name in ("default", "plain"):
+        ours.set_adapter(name)
+        loaded.set_adapter(name)
+        torch.testing.assert_close(_logits(loaded), _logits(ours), atol=0, rtol=0)
