@@ -167,3 +167,20 @@ def test_chat_and_plain_text_data_train(model_dir, tmp_path, capsys):
         code, _stdout, stderr = run_cli(train_argv(model_dir, data, tmp_path / out), capsys)
         assert code == 0, stderr
         assert (tmp_path / out / "adapter_model.safetensors").is_file()
+
+
+def test_pissa_adapter_is_saved_for_the_original_base_model(model_dir, data, tmp_path):
+    """PiSSA trains on a residual base; the saved rank-2r adapter reproduces the trained model on the ORIGINAL base."""
+    from lorakit.cli import train
+    from lorakit.cli.main import build_parser
+
+    out = tmp_path / "pissa"
+    argv = train_argv(model_dir, data, out, "--init", "pissa", "--target-modules", "q_proj")
+    args = build_parser().parse_args([str(a) for a in argv])
+    outcome = train.train(args)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 16, True)
+    assert not (out / "initial_adapter").exists()
+    trained = _logits(outcome.model)
+    for cls in (peft.PeftModel, lorakit.PeftModel):
+        torch.testing.assert_close(_logits(cls.from_pretrained(load_tiny(model_dir), out)), trained, atol=1e-4, rtol=0)

@@ -155,6 +155,15 @@ def _eva_after(peft_model: Any, config: Any, batches: list[dict]) -> None:
     initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+"""Inits that move s * B0 @ A0 out of the base weight: the saved adapter is converted to a plain rank-2r LoRA adapter
+(``save_pretrained(path_initial_model_for_weight_conversion=...)``) so that it applies to the original base model."""
+
+
+def changes_base(config: Any) -> bool:
+    return isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(BASE_CHANGING_INITS)
+
+
 DATA_DRIVEN_INITS: dict[str, tuple[str, Any]] = {"corda": ("before", _corda_before), "eva": ("after", _eva_after)}
 """init_lora_weights that need data -> (when, function): 'before' runs on the plain model, 'after' on the PeftModel."""
 
@@ -301,7 +310,7 @@ def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, list]:
     from ..io.checkpoint import read_adapter_weights
     from ..io.functional import set_peft_model_state_dict
     from .data import collate, eval_batches
-    from .train_state import TrainState, checkpoint_dir
+    from .train_state import INITIAL_DIR, TrainState, checkpoint_dir
     from .trainer import make_optimizer
 
     pad = run.tokenizer.pad_token_id
@@ -310,6 +319,8 @@ def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, list]:
     calibration = [collate(run.train_rows[i : i + 8], pad) for i in range(0, min(64, len(run.train_rows)), 8)]
     calibration = [{k: v.to(run.device) for k, v in b.items()} for b in calibration]
     peft_model = build_peft_model(run.model, config, calibration)
+    if changes_base(config) and run.payload is None:
+        peft_model.save_pretrained(run.out / INITIAL_DIR)
     optimizer = make_optimizer(peft_model, run.settings)
     batches = eval_batches(run.eval_rows, run.settings.batch_size, pad)
     if run.payload is None:
@@ -391,13 +402,36 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
     outcome.after = _measure(run, peft_model, batches)
     if outcome.after.loss is not None:
         state.evals.append((state.step, outcome.after.loss))
-    peft_model.save_pretrained(run.out)
+    _save_adapter(run, peft_model, stream)
     remove_checkpoint(run.out)
     outcome.plot = _write_plot(run, state)
     _write_metrics(run, state, outcome)
     print(f"after:  {outcome.after.summary()}", file=stream)
     _print_examples(run, before, outcome.after, stream)
     return outcome
+
+
+def _save_adapter(run: Run, peft_model: Any, stream: Any) -> None:
+    from .train_state import INITIAL_DIR
+
+    config = peft_model.peft_config["default"]
+    if not changes_base(config):
+        peft_model.save_pretrained(run.out)
+        return
+    initial = run.out / INITIAL_DIR
+    if not initial.is_dir():
+        raise CliError(
+            f"{initial} is missing: the {config.init_lora_weights!r} adapter cannot be converted for saving."
+        )
+    try:
+        peft_model.save_pretrained(run.out, path_initial_model_for_weight_conversion=str(initial))
+    except ValueError as err:
+        raise CliError(f"cannot save the {config.init_lora_weights!r} adapter: {one_line(err)}") from None
+    print(
+        f"init {config.init_lora_weights!r} changed the base weights during training; saved as a plain LoRA adapter "
+        f"of rank {2 * config.r} that applies to the original {run.args.model}",
+        file=stream,
+    )
 
 
 def _write_plot(run: Run, state: Any) -> Path | None:

@@ -21,6 +21,8 @@ import torch
 from .errors import CliError
 
 CHECKPOINT_DIR = "checkpoint"
+INITIAL_DIR = "initial_adapter"
+"""The adapter right after a base-changing init (PiSSA, OLoRA, CorDA), kept until the final save converts it."""
 STATE_FILE = "trainer_state.pt"
 FORMAT_VERSION = 1
 
@@ -106,6 +108,6 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
 
 
 def remove_checkpoint(out: Path) -> None:
-    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old"):
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old", INITIAL_DIR):
         if (out / name).exists():
             shutil.rmtree(out / name)
