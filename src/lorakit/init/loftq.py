@@ -20,7 +20,7 @@ import torch
 
 from ..config import LoftQConfig
 from .registry import InitRequest, InitResult, register_init
-from .residual import matrix_weight, require_float_base, require_rank_fits, split_singular_values
+from .residual import FLOAT_DTYPES, base_dtype, matrix_weight, require_rank_fits, split_singular_values
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -33,10 +33,14 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     from ..layers.bnb import import_bitsandbytes  # lazily: lorakit.layers imports lorakit.init
 
     bnb = import_bitsandbytes("LoftQ with loftq_bits=4")
+    # Blocks are consecutive runs of 64 values of the flattened weight. bitsandbytes' CPU dequantisation cuts
+    # blocks per row instead, which disagrees when a row is not a whole number of blocks; rows of exactly one block
+    # make both agree (and are what the GPU kernels compute for any shape).
+    flat = weight.float().reshape(-1, NF4_BLOCKSIZE) if weight.numel() % NF4_BLOCKSIZE == 0 else weight.reshape(-1)
     codes, state = bnb.functional.quantize_4bit(
-        weight.float().contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
+        flat.float().contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
     )
-    return bnb.functional.dequantize_4bit(codes, state).float()
+    return bnb.functional.dequantize_4bit(codes, state).float().reshape(weight.shape)
 
 
 def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,19 @@ def low_rank_fit(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     return split_singular_values(u[:, :rank], s[:rank], vh[:rank], 1.0)
 
 
+def require_unquantised(req: InitRequest) -> None:
+    """LoftQ quantises a floating-point weight itself; on a quantised base say what to do instead."""
+    dtype = base_dtype(req)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"init_lora_weights='loftq' quantises a float32/float16/bfloat16 base weight itself, but layer "
+            f"{req.module_name!r} is already quantised ({dtype}). For a model loaded in 4 bits use "
+            "replace_lora_weights_loftq(peft_model); to load a saved LoftQ adapter onto its quantised base, pass "
+            "low_cpu_mem_usage=True to from_pretrained / load_adapter (no re-initialisation) or save the adapter "
+            "with init_lora_weights=True."
+        )
+
+
 def _stored_layout(req: InitRequest) -> tuple[Callable, Callable]:
     """(out, in) <-> the layer's stored layout, so blocks are cut as the quantiser will cut the saved weight."""
     layer = req.layer
@@ -93,7 +110,7 @@ def init_loftq(req: InitRequest) -> InitResult:
     """A, B and the quantised base weight of LoftQ on a floating-point Linear / Conv1D layer."""
     settings = loftq_settings(req.config)
     round_trip = quantiser(settings.loftq_bits)
-    require_float_base(req, "loftq")
+    require_unquantised(req)
     weight = matrix_weight(req, "loftq")
     require_rank_fits(req, weight, "loftq")
     to_stored, from_stored = _stored_layout(req)
