@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import sys
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import INTERRUPTED, CliError, one_line
+from .errors import INTERRUPTED, CliError
 from .lora_options import add_lora_arguments, lora_config_from_args, lora_kwargs
 
 HELP = "fine-tune a causal LM with LoRA on a JSONL or text file"
@@ -123,67 +122,6 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 # ---------------------------------------------------------------- model and adapter
-def _check_each_target(model: Any, targets: Any) -> None:
-    """Every listed target module must name some module (the library only fails when none matches)."""
-    if not isinstance(targets, list):
-        return
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not any(m.children())})
-    for target in targets:
-        if not any(n == target or n.endswith("." + target) for n in names):
-            close = difflib.get_close_matches(target.rsplit(".", 1)[-1], leaves, n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise CliError(
-                f"--target-modules: no module is named {target!r}; {hint}the model's module names are: "
-                f"{', '.join(leaves[:40])}{' ...' if len(leaves) > 40 else ''}."
-            )
-
-
-def _corda_before(model: Any, config: Any, batches: list[dict]) -> None:
-    from ..init.corda import preprocess_corda
-
-    def run_model() -> None:
-        for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-    preprocess_corda(model, config, run_model=run_model)
-
-
-def _eva_after(peft_model: Any, config: Any, batches: list[dict]) -> None:
-    from ..init.eva import initialize_lora_eva_weights
-
-    initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
-
-
-BASE_CHANGING_INITS = ("pissa", "olora", "corda")
-"""Inits that move s * B0 @ A0 out of the base weight: the saved adapter is converted to a plain rank-2r LoRA adapter
-(``save_pretrained(path_initial_model_for_weight_conversion=...)``) so that it applies to the original base model."""
-
-
-def changes_base(config: Any) -> bool:
-    return isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(BASE_CHANGING_INITS)
-
-
-DATA_DRIVEN_INITS: dict[str, tuple[str, Any]] = {"corda": ("before", _corda_before), "eva": ("after", _eva_after)}
-"""init_lora_weights that need data -> (when, function): 'before' runs on the plain model, 'after' on the PeftModel."""
-
-
-def build_peft_model(model: Any, config: Any, calibration: list[dict]) -> Any:
-    from ..mapping import get_peft_model
-
-    _check_each_target(model, config.target_modules)
-    when, prepare = DATA_DRIVEN_INITS.get(str(config.init_lora_weights), (None, None))
-    try:
-        if when == "before":
-            prepare(model, config, calibration)
-        peft_model = get_peft_model(model, config)
-        if when == "after":
-            prepare(peft_model, config, calibration)
-    except (ValueError, TypeError, ImportError, NotImplementedError) as err:
-        raise CliError(one_line(err)) from None
-    return peft_model
-
-
 # ---------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -309,6 +247,7 @@ def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, list]:
     from ..config import LoraConfig
     from ..io.checkpoint import read_adapter_weights
     from ..io.functional import set_peft_model_state_dict
+    from .adapter_setup import build_peft_model, changes_base
     from .data import collate, eval_batches
     from .train_state import INITIAL_DIR, TrainState, checkpoint_dir
     from .trainer import make_optimizer
@@ -366,9 +305,10 @@ def _header(run: Run, peft_model: Any, stream: Any) -> None:
 
 def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> TrainOutcome:
     """The whole run; returns what happened (the demo reuses it). ``on_step(step)`` is called after each step."""
+    from .adapter_setup import save_trained_adapter
     from .evaluation import held_out_loss
     from .progress import make_progress
-    from .train_state import remove_checkpoint, restore_rng, save_checkpoint
+    from .train_state import INITIAL_DIR, remove_checkpoint, restore_rng, save_checkpoint
     from .trainer import train_steps
 
     stream = stream or sys.stdout
@@ -402,36 +342,15 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
     outcome.after = _measure(run, peft_model, batches)
     if outcome.after.loss is not None:
         state.evals.append((state.step, outcome.after.loss))
-    _save_adapter(run, peft_model, stream)
+    note = save_trained_adapter(peft_model, run.out, run.out / INITIAL_DIR, run.args.model)
+    if note:
+        print(note, file=stream)
     remove_checkpoint(run.out)
     outcome.plot = _write_plot(run, state)
     _write_metrics(run, state, outcome)
     print(f"after:  {outcome.after.summary()}", file=stream)
     _print_examples(run, before, outcome.after, stream)
     return outcome
-
-
-def _save_adapter(run: Run, peft_model: Any, stream: Any) -> None:
-    from .train_state import INITIAL_DIR
-
-    config = peft_model.peft_config["default"]
-    if not changes_base(config):
-        peft_model.save_pretrained(run.out)
-        return
-    initial = run.out / INITIAL_DIR
-    if not initial.is_dir():
-        raise CliError(
-            f"{initial} is missing: the {config.init_lora_weights!r} adapter cannot be converted for saving."
-        )
-    try:
-        peft_model.save_pretrained(run.out, path_initial_model_for_weight_conversion=str(initial))
-    except ValueError as err:
-        raise CliError(f"cannot save the {config.init_lora_weights!r} adapter: {one_line(err)}") from None
-    print(
-        f"init {config.init_lora_weights!r} changed the base weights during training; saved as a plain LoRA adapter "
-        f"of rank {2 * config.r} that applies to the original {run.args.model}",
-        file=stream,
-    )
 
 
 def _write_plot(run: Run, state: Any) -> Path | None:
