@@ -64,6 +64,24 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def assert_same_training_step(ours, ref, ids: torch.Tensor) -> None:
+    """One language-model loss and backward on both models (in train mode): equal losses, and every trainable
+    parameter (2 factors x 7 projections x 2 layers) gets a non-zero gradient equal to peft's."""
+    ours.train()
+    ref.train()
+    loss = ours(input_ids=ids, labels=ids).loss
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=0)
+    loss.backward()
+    loss_ref.backward()
+    grads_ref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trained) == len(grads_ref) == 2 * 7 * 2
+    for name, param in trained:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(param.grad, grads_ref[name], atol=1e-6, rtol=1e-5)
+
+
 def _cpu(device):
     if isinstance(device, str) and device.startswith(("cuda", "xpu")):
         return "cpu"

@@ -14,7 +14,14 @@ bnb = pytest.importorskip("bitsandbytes")
 import peft  # noqa: E402
 
 import lorakit  # noqa: E402
-from bnb_helpers import LLAMA_TARGETS, load_quantised, lora_state, save_llama64, token_ids  # noqa: E402
+from bnb_helpers import (  # noqa: E402
+    LLAMA_TARGETS,
+    assert_same_training_step,
+    load_quantised,
+    lora_state,
+    save_llama64,
+    token_ids,
+)
 from lorakit.layers.bnb import Linear4bit, Linear8bitLt, dequantise_4bit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # bitsandbytes' fp16 casts, merge rounding notes
@@ -60,18 +67,7 @@ def test_all_linear_wraps_the_quantised_linears_like_peft(llama64_dir, bits):
 def test_forward_and_gradients_match_peft(llama64_dir, bits):
     ours, ref = _pair(llama64_dir, bits, lora_dropout=0.0)
     ids = token_ids()
-    ours.train()
-    ref.train()
-    loss_ours = ours(input_ids=ids, labels=ids).loss
-    loss_ref = ref(input_ids=ids, labels=ids).loss
-    torch.testing.assert_close(loss_ours, loss_ref, atol=1e-6, rtol=0)
-    loss_ours.backward()
-    loss_ref.backward()
-    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    assert len(grads) == 2 * 7 * 2
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, grads[name], atol=1e-6, rtol=1e-5)
+    assert_same_training_step(ours, ref, ids)
     ours.eval()
     ref.eval()
     with torch.no_grad():  # the inference path (bitsandbytes may repack 4-bit weights for the CPU here)
