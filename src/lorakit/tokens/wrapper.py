@@ -52,7 +52,8 @@ class TrainableTokensWrapper(nn.Module):
 
     @property
     def adapters(self) -> list[str]:
-        return [n for n in (*self.token_adapter.token_indices, *self.token_adapter._followed)]
+        """Adapters with rows here: their own, or (a tied head) the embedding's."""
+        return [*self.token_adapter.token_indices, *self.token_adapter._followed]
 
     @property
     def active_adapters(self) -> list[str]:
