@@ -36,9 +36,10 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     # Blocks are consecutive runs of 64 values of the flattened weight. bitsandbytes' CPU dequantisation cuts
     # blocks per row instead, which disagrees when a row is not a whole number of blocks; rows of exactly one block
     # make both agree (and are what the GPU kernels compute for any shape).
-    flat = weight.float().reshape(-1, NF4_BLOCKSIZE) if weight.numel() % NF4_BLOCKSIZE == 0 else weight.reshape(-1)
+    values = weight.float().contiguous()
+    rows = values.reshape(-1, NF4_BLOCKSIZE) if values.numel() % NF4_BLOCKSIZE == 0 else values.reshape(-1)
     codes, state = bnb.functional.quantize_4bit(
-        flat.float().contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
+        rows, blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
     )
     return bnb.functional.dequantize_4bit(codes, state).float().reshape(weight.shape)
 
