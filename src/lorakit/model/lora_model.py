@@ -19,6 +19,7 @@ from ..tokens import TrainableTokensWrapper
 from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
+from .walk import adapter_modules
 
 
 @contextlib.contextmanager
@@ -41,6 +42,10 @@ def restore_on_error(model: nn.Module) -> Iterator[None]:
         for module, mode in modes:
             module.training = mode
         raise
+
+
+_ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)
+"""Module types the lifecycle walks; their per-adapter internals are never visited."""
 
 
 class LoraModel(nn.Module):
@@ -82,17 +87,17 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ iteration helpers
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        for name, module in self.model.named_modules():
+        for name, module in adapter_modules(self.model, _ADAPTER_MODULES):
             if isinstance(module, LoraLayer):
                 yield name, module
 
     def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
-        for module in self.model.modules():
+        for _, module in adapter_modules(self.model, _ADAPTER_MODULES):
             if isinstance(module, ModulesToSaveWrapper):
                 yield module
 
     def _token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
-        for name, module in self.model.named_modules():
+        for name, module in adapter_modules(self.model, _ADAPTER_MODULES):
             if isinstance(module, TrainableTokensWrapper):
                 yield name, module
 
