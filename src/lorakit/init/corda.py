@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .identical import find_identical
 from .registry import InitRequest, InitResult, register_init
 from .residual import require_float_base, split_singular_values, with_residual
 
@@ -86,25 +87,36 @@ def weight_2d(module: nn.Module) -> torch.Tensor:
 
 
 class CovarianceHook:
-    """Forward hook accumulating sum_samples X^T X of a layer's input, each sample scaled by |max(sample)|."""
+    """Forward hook accumulating sum_samples X^T X of a layer's input, each sample scaled by |max(sample)|.
 
-    def __init__(self, keep_dtype: bool) -> None:
+    Hooks share a one-slot cache: the next layer reading the very same input tensor (k/v after q, up after gate)
+    reuses its X^T X instead of recomputing it."""
+
+    def __init__(self, keep_dtype: bool, shared: dict) -> None:
         self.keep_dtype = keep_dtype
+        self.shared = shared
         self.total: torch.Tensor | None = None  # (in, in)
         self.count = 0
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        x = inputs[0].detach()
+        x = inputs[0]
+        cached = self.shared.get("input")
+        # the cache holds the input tensor itself, so "is" cannot match a new tensor at a reused address
+        if cached is None or cached[0] is not x or cached[1] != x._version:
+            self.shared["input"], self.shared["value"] = (x, x._version), self._covariance(x.detach())
+        cov, samples = self.shared["value"]
+        self.total = cov.clone() if self.total is None else self.total.add_(cov)
+        self.count += samples
+
+    def _covariance(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if not self.keep_dtype:
             x = x.float()
         # (B, ..., in) -> (B, tokens, in): one sample per row of the batch; 1-D/2-D inputs are one sample
         samples = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
         samples = samples / samples.amax(dim=(1, 2)).abs()[:, None, None]
         flat = samples.reshape(-1, samples.shape[-1])
-        cov = flat.T @ flat  # (in, in)
-        self.total = cov if self.total is None else self.total.add_(cov)
-        self.count += samples.shape[0]
+        return flat.T @ flat, samples.shape[0]  # (in, in)
 
 
 def collect_covariances(
@@ -130,7 +142,8 @@ def collect_covariances(
         )
     hooked = model if hooked_model is None else hooked_model
     hooked.eval()
-    hooks = {n: CovarianceHook(corda.use_float16_for_covariance) for n, _ in corda_targets(hooked, lora_config)}
+    shared: dict = {}
+    hooks = {n: CovarianceHook(corda.use_float16_for_covariance, shared) for n, _ in corda_targets(hooked, lora_config)}
     handles = [hooked.get_submodule(n).register_forward_hook(h) for n, h in hooks.items()]
     try:
         with torch.no_grad():
@@ -138,6 +151,7 @@ def collect_covariances(
     finally:
         for handle in handles:
             handle.remove()
+        shared.clear()
     covariances = {}
     for name in names:
         hook = hooks.get(name)
@@ -166,13 +180,14 @@ def damped_inverse(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError("CorDA: the input covariance could not be made invertible by damping.")
 
 
-def decompose(weight: torch.Tensor, cov: torch.Tensor, rank: int, method: str) -> CordaEigens:
+def decompose(weight: torch.Tensor, damped: tuple[torch.Tensor, torch.Tensor], rank: int, method: str) -> CordaEigens:
     """Rank-r CorDA triplets of one layer.
 
     Args:
-        weight: (out, in) float32; cov: (in, in); method: "ipm" (largest components) or "kpm" (smallest)
+        weight: (out, in) float32; damped: (C', C'^-1) from ``damped_inverse``, (in, in) each;
+        method: "ipm" (largest components) or "kpm" (smallest)
     """
-    fixed, inverse = damped_inverse(cov.float())
+    fixed, inverse = damped
     u, s, vh = torch.linalg.svd(weight @ fixed, full_matrices=False)  # (out, k), (k,), (k, in)
     keep = slice(None, rank) if method == "ipm" else slice(s.shape[0] - rank, None)
     v = (vh[keep] @ inverse).T  # (in, r)
@@ -208,12 +223,17 @@ def preprocess_corda(
         _load_cache(targets, cache, _device(model))
         return
     covariances = collect_covariances(model, lora_config, run_model, hooked_model)
+    same_input = find_identical(covariances)  # q/k/v share C: damp and invert it once
+    damped: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     for name, module in _progress(targets, corda.verbose):
         rank = rank_and_alpha(lora_config, name)[0]
         weight = weight_2d(module).to(covariances[name].device)
         if rank > min(weight.shape):
             raise ValueError(f"CorDA: r={rank} exceeds the {tuple(weight.shape)} weight of layer {name!r}.")
-        module.eigens = decompose(weight, covariances[name], rank, corda.corda_method)
+        source = same_input.get(name, name)
+        if damped is None or damped[0] != source:
+            damped = (source, damped_inverse(covariances[source].float()))
+        module.eigens = decompose(weight, damped[1], rank, corda.corda_method)
         if not corda.prune_temporary_fields:
             module.covariance_matrix, module.corda_method, module.rank = covariances[name], corda.corda_method, rank
     if cache is not None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .default import init_default
+from .identical import find_identical
 from .incremental_pca import PcaState, partial_fit_many
 from .registry import InitRequest, InitResult, register_init
 
@@ -125,30 +126,6 @@ class _Capture:
         self.run.captured[self.name] = _gather(x, self.run.gather)
 
 
-def _share_identical(captured: dict[str, torch.Tensor]) -> dict[str, str]:
-    """follower -> leader for layers whose inputs equal an earlier layer's (cheap fingerprint, then exact check)."""
-    names = list(captured)
-    sums = [torch.stack([x.sum(dtype=torch.float64), x.abs().sum(dtype=torch.float64)]) for x in captured.values()]
-    prints = dict(zip(names, torch.stack(sums).tolist()))
-    leaders: list[str] = []
-    followers: dict[str, str] = {}
-    for name in names:
-        x = captured[name]
-        match = next(
-            (
-                lead
-                for lead in leaders
-                if prints[lead] == prints[name] and captured[lead].shape == x.shape and torch.equal(captured[lead], x)
-            ),
-            None,
-        )
-        if match is None:
-            leaders.append(name)
-        else:
-            followers[name] = match
-    return followers
-
-
 def distribute_ranks(
     ratios: dict[str, torch.Tensor],
     leader_of: dict[str, str],
@@ -233,7 +210,7 @@ class _EvaRun:
         missing = [n for n in self.modules if n not in self.captured]
         if missing:
             raise ValueError(f"EVA: layers {missing[:5]} were not called by forward_fn on the first batch.")
-        self.followers = _share_identical(self.captured)
+        self.followers = find_identical(self.captured)
         for follower, leader in self.followers.items():
             k = max(self.max_components[follower], self.max_components[leader])
             self.max_components[follower] = self.max_components[leader] = k

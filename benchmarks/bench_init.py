@@ -1,0 +1,176 @@
+"""Initialisation time, lorakit vs peft side by side in one process: PiSSA, pissa_niter_4, OLoRA, CorDA, EVA.
+
+    python benchmarks/bench_init.py                                   # CPU profile: small Llama shape, < 1 min
+    python benchmarks/bench_init.py --profile gpu --device cuda       # TinyLlama-1.1B shape, bf16 weights
+
+Every run starts from a fresh copy of the same randomly initialised model. Timed: ``get_peft_model`` (plus
+``preprocess_corda`` on the calibration batches for CorDA; ``get_peft_model(low_cpu_mem_usage=True)`` plus
+``initialize_lora_eva_weights`` for EVA). The two libraries alternate and the best of ``--repeats`` is reported.
+EVA runs until the components converge, which on a randomly initialised model takes many batches; the profiles use
+a lower tau than EvaConfig's 0.99 (``--eva-tau`` overrides it) so a run stays short. Both libraries do the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable
+
+import torch
+
+PROFILES = {
+    "cpu": dict(
+        hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=512, r=8, eva_r=4, eva_tau=0.9,
+        dtype="float32", calib_samples=8, calib_len=128, eva_batches=8, eva_batch=4, eva_len=128,
+    ),
+    "gpu": dict(
+        hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, r=16, eva_r=16, eva_tau=0.95,
+        dtype="bfloat16", calib_samples=16, calib_len=512, eva_batches=16, eva_batch=4, eva_len=512,
+    ),
+}  # fmt: skip
+METHODS = ["pissa", "pissa_niter_4", "olora", "corda", "eva"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(p: dict, device: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=max(p["calib_len"], p["eva_len"]),
+        tie_word_embeddings=False,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, p["dtype"])).eval()
+
+
+def data(p: dict, device: str) -> tuple[list[torch.Tensor], list[dict]]:
+    g = torch.Generator().manual_seed(1)
+    calib = [
+        torch.randint(0, p["vocab"], (1, p["calib_len"]), generator=g).to(device) for _ in range(p["calib_samples"])
+    ]
+    eva = []
+    for _ in range(p["eva_batches"]):
+        ids = torch.randint(0, p["vocab"], (p["eva_batch"], p["eva_len"]), generator=g)
+        eva.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)})
+    return calib, eva
+
+
+def peft_corda_module():
+    """peft's CorDA imports the optional ``attr`` package for one dataclass; stand in for it when missing."""
+    try:
+        import attr  # noqa: F401
+    except ImportError:
+        sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
+    from peft.tuners.lora import corda
+
+    return corda
+
+
+def runner(lib: str, method: str, p: dict, calib, eva_data) -> Callable[[torch.nn.Module], object]:
+    """A function that initialises ``model`` with ``method`` using library ``lib`` ("lorakit" or "peft")."""
+    if lib == "lorakit":
+        import lorakit as mod
+
+        preprocess, eva_init = mod.preprocess_corda, mod.initialize_lora_eva_weights
+        extra = {"corda": mod.CordaConfig(), "eva": mod.EvaConfig(tau=p["eva_tau"])}
+    else:
+        import peft as mod
+
+        preprocess, eva_init = peft_corda_module().preprocess_corda, mod.initialize_lora_eva_weights
+        extra = {"corda": mod.tuners.lora.config.CordaConfig(), "eva": mod.EvaConfig(tau=p["eva_tau"])}
+
+    def run(model):
+        r = p["eva_r"] if method == "eva" else p["r"]
+        kwargs = dict(target_modules=TARGETS, r=r, lora_alpha=2 * r, init_lora_weights=method)
+        if method == "corda":
+            config = mod.LoraConfig(**kwargs, corda_config=extra["corda"])
+            preprocess(model, config, run_model=lambda: [model(x) for x in calib])
+            return mod.get_peft_model(model, config)
+        if method == "eva":
+            config = mod.LoraConfig(**kwargs, eva_config=extra["eva"])
+            peft_model = mod.get_peft_model(model, config, low_cpu_mem_usage=True)
+            eva_init(peft_model, eva_data, show_progress_bar=False)
+            return peft_model
+        return mod.get_peft_model(model, mod.LoraConfig(**kwargs))
+
+    return run
+
+
+def timed(fn: Callable[[torch.nn.Module], object], template: torch.nn.Module, device: str) -> float:
+    model = copy.deepcopy(template)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(model)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--eva-tau", type=float, help="override the profile's EVA convergence threshold")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import peft
+
+    import lorakit
+
+    p = dict(PROFILES[args.profile])
+    if args.eva_tau is not None:
+        p["eva_tau"] = args.eva_tau
+    template = build_model(p, args.device)
+    calib, eva_data = data(p, args.device)
+    n_params = sum(t.numel() for t in template.parameters())
+    print(
+        f"profile={args.profile} device={args.device} params={n_params / 1e6:.1f}M dtype={p['dtype']} r={p['r']} "
+        f"eva_r={p['eva_r']} eva_tau={p['eva_tau']} "
+        f"torch={torch.__version__} lorakit={lorakit.__version__} peft={peft.__version__} "
+        f"threads={torch.get_num_threads()}"
+    )
+    timed(runner("lorakit", "pissa_niter_4", p, calib, eva_data), template, args.device)  # warm-up (kernels, solvers)
+    rows = []
+    print(f"{'method':<14}{'lorakit s':>12}{'peft s':>12}{'speed-up':>10}")
+    for method in args.methods:
+        best = {"lorakit": float("inf"), "peft": float("inf")}
+        for i in range(args.repeats):
+            for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
+                best[lib] = min(best[lib], timed(runner(lib, method, p, calib, eva_data), template, args.device))
+        rows.append({"method": method, "lorakit_s": best["lorakit"], "peft_s": best["peft"]})
+        print(f"{method:<14}{best['lorakit']:>12.3f}{best['peft']:>12.3f}{best['peft'] / best['lorakit']:>9.2f}x")
+    if args.json:
+        meta = {"profile": args.profile, "device": args.device, "machine": platform.platform(), **p}
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "results": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
