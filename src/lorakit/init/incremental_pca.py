@@ -115,9 +115,14 @@ def _fit_stacked(states: list[PcaState], x: torch.Tensor, tau: float) -> None:
 
 def _randomised_svd(data: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Vt (L, q', d) with deterministic signs, S (L, q')) of each stacked matrix, from a seeded svd_lowrank."""
-    devices = [data.device] if data.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(SVD_SEED)
+    on_cuda = data.device.type == "cuda"
+    # seed (and afterwards restore) only the generator that svd_lowrank draws from
+    with torch.random.fork_rng(devices=[data.device] if on_cuda else []):
+        if on_cuda:
+            with torch.cuda.device(data.device):
+                torch.cuda.manual_seed(SVD_SEED)
+        else:
+            torch.random.default_generator.manual_seed(SVD_SEED)
         _, s, v = torch.svd_lowrank(data, q=q, niter=SVD_NITER)
     vt = v.mH  # (L, q', d)
     # sign convention: the largest-magnitude entry of every component is positive
