@@ -168,3 +168,27 @@ def test_non_linear_layers_fall_back_to_default_init_with_a_warning():
             model, data, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False
         )
     assert model.base_model.model.emb.lora_embedding_A["default"].abs().sum() == 0  # embedding default: A = 0
+
+
+def test_state_dict_from_the_plain_model_loads_into_the_peft_model():
+    """The two-step flow: statistics on the base model first, then get_peft_model(low_cpu_mem_usage=True)."""
+    data = token_batches(6)
+    eva = lorakit.EvaConfig(tau=0.9)
+    config = lorakit.LoraConfig(target_modules=MODELS["llama"][1], r=4, init_lora_weights="eva", eva_config=eva)
+    base = MODELS["llama"][0]()
+    state = lorakit.get_eva_state_dict(base, data, config, show_progress_bar=False)
+    model = lorakit.get_peft_model(base, config, low_cpu_mem_usage=True)
+    lorakit.initialize_lora_eva_weights(model, eva_state_dict=state)
+    direct = ours_eva("llama", data)
+    assert model.peft_config["default"].rank_pattern == direct.peft_config["default"].rank_pattern
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_more_components_than_input_features_is_refused():
+    config = lorakit.LoraConfig(
+        target_modules=["q_proj"], r=20, init_lora_weights="eva", eva_config=lorakit.EvaConfig()
+    )
+    model = lorakit.get_peft_model(MODELS["llama"][0](), config, low_cpu_mem_usage=True)
+    with pytest.raises(ValueError, match=r"has 32 input features, fewer than the round\(r \* rho\) = 40"):
+        lorakit.initialize_lora_eva_weights(model, token_batches(1), show_progress_bar=False)
