@@ -210,13 +210,16 @@ class _EvaRun:
         missing = [n for n in self.modules if n not in self.captured]
         if missing:
             raise ValueError(f"EVA: layers {missing[:5]} were not called by forward_fn on the first batch.")
-        self.followers = find_identical(self.captured)
+        found = find_identical(self.captured)
+        leaders = [n for n in self.modules if n not in found]
+        # grouped by leader, as PEFT orders them (the order decides ties in the rank distribution)
+        self.followers = {f: lead for lead in leaders for f, owner in found.items() if owner == lead}
         for follower, leader in self.followers.items():
             k = max(self.max_components[follower], self.max_components[leader])
             self.max_components[follower] = self.max_components[leader] = k
         self.unhook(self.followers)
-        self.leader_of = {n: n for n in self.modules if n not in self.followers} | self.followers
-        self.states = {n: PcaState(self.max_components[n]) for n in self.modules if n not in self.followers}
+        self.leader_of = {n: n for n in leaders} | self.followers
+        self.states = {n: PcaState(self.max_components[n]) for n in leaders}
         self.rank_dist = dict(self.max_components)
         self.done = dict.fromkeys(self.states, False)
 
