@@ -5,7 +5,9 @@
 
 Every run starts from a fresh copy of the same randomly initialised model. Timed: ``get_peft_model`` (plus
 ``preprocess_corda`` on the calibration batches for CorDA; ``get_peft_model(low_cpu_mem_usage=True)`` plus
-``initialize_lora_eva_weights`` for EVA). The two libraries alternate and the best of ``--repeats`` is reported.
+``initialize_lora_eva_weights`` for EVA). Before a method is timed, each library runs it ``--warmup`` times untimed
+(first calls of a solver load kernels and grow the allocator); then the libraries alternate and the best of
+``--repeats`` is reported.
 EVA runs until the components converge, which on a randomly initialised model takes many batches; the profiles use
 a lower tau than EvaConfig's 0.99 (``--eva-tau`` overrides it) so a run stays short. Both libraries do the same steps.
 """
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per library and method before timing")
     parser.add_argument("--eva-tau", type=float, help="override the profile's EVA convergence threshold")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -156,11 +159,13 @@ def main() -> None:
         f"torch={torch.__version__} lorakit={lorakit.__version__} peft={peft.__version__} "
         f"threads={torch.get_num_threads()}"
     )
-    timed(runner("lorakit", "pissa_niter_4", p, calib, eva_data), template, args.device)  # warm-up (kernels, solvers)
     rows = []
     print(f"{'method':<14}{'lorakit s':>12}{'peft s':>12}{'speed-up':>10}")
     for method in args.methods:
         best = {"lorakit": float("inf"), "peft": float("inf")}
+        for _ in range(args.warmup):
+            for lib in best:
+                timed(runner(lib, method, p, calib, eva_data), template, args.device)
         for i in range(args.repeats):
             for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
                 best[lib] = min(best[lib], timed(runner(lib, method, p, calib, eva_data), template, args.device))
