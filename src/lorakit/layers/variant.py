@@ -29,3 +29,19 @@ class LoraVariant(Protocol):
 
     def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Exact inverse of ``merged_weight``."""
+
+
+class UnmergeableVariant:
+    """Base for variants whose output no single weight reproduces (aLoRA, Arrow): every merge path refuses with the
+    variant's own ``check_mergeable`` message before any weight changes."""
+
+    def check_mergeable(self, layer: LoraLayer, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        self.check_mergeable(layer, adapter_name)
+        return weight
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        self.check_mergeable(layer, adapter_name)
+        return weight

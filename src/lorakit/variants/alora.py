@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..alora_offsets import AloraActivation, TokenSelection, current_alora
+from ..layers.variant import UnmergeableVariant
 from . import register_variant
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
-class AloraVariant:
+class AloraVariant(UnmergeableVariant):
     """One aLoRA adapter on one Linear layer.
 
     Gradient checkpointing recomputes a block's forward during backward, after ``PeftModel.forward`` has returned
@@ -105,14 +106,6 @@ class AloraVariant:
             f"aLoRA adapter {adapter_name!r} cannot be merged: it adapts only the tokens after its invocation, which "
             "differ per input, so no single weight reproduces it. Keep it unmerged."
         )
-
-    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        self.check_mergeable(layer, adapter_name)
-        return weight
-
-    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        self.check_mergeable(layer, adapter_name)
-        return weight
 
 
 register_variant("alora", lambda c: c.alora_invocation_tokens is not None, AloraVariant)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..layers.variant import UnmergeableVariant
 from . import register_variant
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ class ArrowRouting:
         return arrow_delta(self.tokens, self.coefficients, self.lora_a, self.lora_b, self.scales)
 
 
-class ArrowVariant:
+class ArrowVariant(UnmergeableVariant):
     """The Arrow router on one Linear layer: picks the experts, applies GenKnowSub once, caches the prototypes,
     routes every token."""
 
@@ -244,14 +245,6 @@ class ArrowVariant:
             f"Arrow router {adapter_name!r} cannot be merged: it mixes its experts differently for every token, so "
             "no single weight reproduces it. Keep it unmerged, or merge a task adapter instead."
         )
-
-    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        self.check_mergeable(layer, adapter_name)
-        return weight
-
-    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        self.check_mergeable(layer, adapter_name)
-        return weight
 
 
 register_variant("arrow", lambda c: c.arrow_config is not None, ArrowVariant)
