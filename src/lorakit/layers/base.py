@@ -186,7 +186,10 @@ class LoraLayer(nn.Module):
             with torch.device("meta"):
                 self._create_factors(adapter_name, record)
         else:
-            self._create_factors(adapter_name, record)
+            # on the base weight's device: an init computed there (PiSSA's SVD, ...) is written without a round trip
+            weight_device = self.weight.device
+            with torch.device("cpu" if weight_device.type == "meta" else weight_device):
+                self._create_factors(adapter_name, record)
             self._initialise(adapter_name, config, module_name)
         self._move_adapter(adapter_name, autocast_adapter_dtype)
         record.variant = self._resolve_variant(config)
