@@ -48,7 +48,9 @@ def init_corda(req: InitRequest) -> InitResult:
         raise ValueError(
             f"init_lora_weights='corda' found no CorDA decomposition on layer {req.module_name!r}: call "
             "lorakit.preprocess_corda(model, lora_config, run_model=...) with the same model and config before "
-            "get_peft_model."
+            "get_peft_model. To load a saved CorDA adapter, run preprocess_corda first (its cache_file spares the "
+            "calibration), or save the adapter converted to plain LoRA with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...)."
         )
     weight = req.base_weight()
     out_features, in_features = weight.shape
