@@ -84,7 +84,7 @@ def _stack_key(layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype, dev
         a_param, b_param = _factor_params(layer, name)
         a_key = (id(a_param), a_param._version, a_param.data_ptr())
         b_key = (id(b_param), b_param._version, b_param.data_ptr())
-        parts.append((name, a_key, b_key, records[name].scaling))
+        parts.append((name, a_key, b_key, float(records[name].scaling)))  # a pinned tensor is updated in place
     return tuple(parts)
 
 
@@ -103,7 +103,8 @@ def adapter_stack(layer: LoraLayer, dtype: torch.dtype, device: torch.device) ->
     if stack is not None and stack.key == key:
         return stack
     with torch.no_grad():
-        rank = padded_rank(max((layer.adapters[n].r for n in names), default=1), device)
+        # factor rows, not record.r: prepare_model_for_compiled_hotswap zero-pads factors beyond the adapter's rank
+        rank = padded_rank(max((_factor_params(layer, n)[0].shape[0] for n in names), default=1), device)
         a = torch.zeros(len(names) + 1, rank, layer.in_features, dtype=dtype, device=device)
         b = torch.zeros(len(names) + 1, layer.out_features, rank, dtype=dtype, device=device)
         for slot, name in enumerate(names):

@@ -326,6 +326,7 @@ class LoraLayer(nn.Module):
                 f"Adapter {adapter!r} is merged into this layer's weights; unmerge it before changing its scale."
             )
         self.adapters[adapter].scale = scale
+        self.adapters[adapter].sync_scaling()
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.adapters:

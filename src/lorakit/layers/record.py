@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..delta import lora_scaling
 
 if TYPE_CHECKING:
@@ -22,12 +24,28 @@ class AdapterRecord:
     dropout: float = 0.0
     variant: LoraVariant | None = None
     scale: float = field(default=1.0, repr=False)
+    # set by lorakit.utils.hotswap.prepare_model_for_compiled_hotswap: a 0-d tensor holding ``scaling``, updated in
+    # place, so a compiled graph reads a new alpha without recompiling. None (a Python float) everywhere else.
+    scaling_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def base_scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @property
-    def scaling(self) -> float:
-        """Effective multiplier of B @ A: base scaling times the runtime scale (set_scale / scale_layer)."""
+    def scaling(self) -> float | torch.Tensor:
+        """Effective multiplier of B @ A: base scaling times the runtime scale (set_scale / scale_layer); the pinned
+        0-d tensor instead once the model was prepared for compiled hotswapping."""
+        if self.scaling_tensor is not None:
+            return self.scaling_tensor
         return self.base_scaling * self.scale
+
+    def pin_scaling(self, device: torch.device) -> None:
+        """Hold ``scaling`` in a 0-d float32 tensor on ``device`` from now on (for compiled hotswapping)."""
+        if self.scaling_tensor is None:
+            self.scaling_tensor = torch.tensor(self.base_scaling * self.scale, dtype=torch.float32, device=device)
+
+    def sync_scaling(self) -> None:
+        """Write r / lora_alpha / scale into the pinned tensor, in place (no-op when not pinned)."""
+        if self.scaling_tensor is not None:
+            self.scaling_tensor.fill_(self.base_scaling * self.scale)
