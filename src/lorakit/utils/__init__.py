@@ -1,0 +1,1 @@
+"""Utilities mirroring ``peft.utils``: hotswapping adapters in place (``lorakit.utils.hotswap``)."""
