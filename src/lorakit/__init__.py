@@ -13,6 +13,7 @@ from .kbit import prepare_model_for_kbit_training
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
+from .model.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .peft_model import (
     PeftModel,
@@ -44,10 +45,14 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "create_arrow_model",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
     "get_eva_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",

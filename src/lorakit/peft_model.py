@@ -85,6 +85,18 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    def get_layer_status(self) -> list:
+        """One TunerLayerStatus per adapter module (see ``lorakit.model.status``)."""
+        from .model.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The TunerModelStatus of the whole model (see ``lorakit.model.status``)."""
+        from .model.status import get_model_status
+
+        return get_model_status(self)
+
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; a packed 4-bit parameter counts two values per storage byte, as PEFT
