@@ -11,31 +11,49 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn as nn
 
 from ..routing import current_routing
 from .adapter_stack import cast_factors
 from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_linear
-from .lora_linear import fast_lora_term, fused_lora_linear
+from .lora_linear import fast_lora_term, fused_call
 from .switch import fast_paths_enabled
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
+    from ..layers.record import AdapterRecord
 
 
-def _plain_factors(layer: Linear, name: str) -> bool:
-    return plain_linear(layer.lora_A[name]) and plain_linear(layer.lora_B[name])
+# The checks below run for every LoRA Linear on every call, so they read modules and parameters straight from
+# ``_modules`` / ``_parameters``: ``nn.Module.__getattr__`` (twice, through ``LoraLayer.__getattr__``) costs about a
+# microsecond per lookup, which on a GPU step with a hundred LoRA layers is host time the device waits for.
 
 
-def _single_plain_adapter(layer: Linear) -> str | None:
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    return module.__dict__["_modules"][name]
+
+
+def _plain_factors(layer: Linear, name: str) -> tuple[nn.Linear, nn.Linear] | None:
+    """Adapter ``name``'s (lora_A, lora_B) modules when both are plain ``nn.Linear`` without hooks, else None."""
+    modules = layer.__dict__["_modules"]
+    lora_a = modules["lora_A"]._modules.get(name)
+    lora_b = modules["lora_B"]._modules.get(name)
+    if lora_a is None or lora_b is None or not (plain_linear(lora_a) and plain_linear(lora_b)):
+        return None
+    return lora_a, lora_b
+
+
+def _single_plain_adapter(layer: Linear) -> tuple[str, AdapterRecord, nn.Linear, nn.Linear] | None:
     """The one active adapter when it is plain LoRA (no variant, no lora_bias) with plain factors, else None."""
     active = layer._active_adapters
     if len(active) != 1:
         return None
     name = active[0]
     record = layer.adapters.get(name)
-    if record is None or record.variant is not None or record.lora_bias or not _plain_factors(layer, name):
+    if record is None or record.variant is not None or record.lora_bias:
         return None
-    return name
+    factors = _plain_factors(layer, name)
+    return None if factors is None else (name, record, *factors)
 
 
 def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -46,30 +64,38 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     Returns:
         (..., out) or None
     """
-    if not fast_paths_enabled() or args or kwargs or layer._disable_adapters or layer.merged_adapters:
+    if args or kwargs or not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
         return None
     if current_routing() is not None or layer.fan_in_fan_out or global_hooks_present():
         return None
     if torch.compiler.is_compiling():
         return None  # compiled graphs take the reference path, which the compiler fuses itself
-    base = layer.base_layer
-    if not plain_linear(base) or x.dtype != base.weight.dtype or x.device != base.weight.device:
+    base = _submodule(layer, "base_layer")
+    if not plain_linear(base):
         return None
-    if not x.dtype.is_floating_point or autocast_active(x.device):
+    params = base.__dict__["_parameters"]
+    weight, bias = params["weight"], params["bias"]
+    if x.dtype != weight.dtype or not x.dtype.is_floating_point or x.device != weight.device:
         return None
-    name = _single_plain_adapter(layer)
-    if name is None:
+    if autocast_active(x.device):
         return None
-    p = dropout_probability(layer.lora_dropout[name])
+    found = _single_plain_adapter(layer)
+    if found is None:
+        return None
+    name, record, a_module, b_module = found
+    p = dropout_probability(_submodule(layer, "lora_dropout")._modules[name])
     if p is None:
         return None
-    scaling = layer.adapters[name].scaling
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
-    if p == 0.0 and not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)):
+    graph = p > 0.0 or (
+        torch.is_grad_enabled()
+        and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
+    )
+    if not graph:
         lora_a, lora_b = cast_factors(layer, name, x.dtype)  # inference: cached casts of the float32 masters
-    return fused_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
+    return fused_call(x, weight, bias, lora_a, lora_b, record.scaling, p, graph)
 
 
 def fast_term(layer: Linear, name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -83,12 +109,13 @@ def fast_term(layer: Linear, name: str, x: torch.Tensor) -> torch.Tensor | None:
     if not fast_paths_enabled() or not x.dtype.is_floating_point or autocast_active(x.device):
         return None
     record = layer.adapters[name]
-    if record.lora_bias or not _plain_factors(layer, name) or global_hooks_present():
+    if record.lora_bias or global_hooks_present():
         return None
-    dropout = layer.lora_dropout[name]
-    if dropout_probability(dropout) is None:
+    factors = _plain_factors(layer, name)
+    dropout = _submodule(layer, "lora_dropout")._modules[name]
+    if factors is None or dropout_probability(dropout) is None:
         return None
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    lora_a, lora_b = factors[0].__dict__["_parameters"]["weight"], factors[1].__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
     return fast_lora_term(x, lora_a, lora_b, record.scaling, dropout)

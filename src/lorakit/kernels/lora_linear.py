@@ -70,7 +70,10 @@ def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> 
     Returns:
         (p, q)
     """
-    return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS if left.is_cuda else 1)
+    if WGRAD_CHUNKS > 1 and left.is_cuda:
+        return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS)
+    grad = left.t() @ right  # (p, N) @ (N, q): one GEMM, no split checks (this runs twice per layer per step)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def chunked_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, chunks: int) -> torch.Tensor:
@@ -131,8 +134,8 @@ class FusedLoraLinear(torch.autograd.Function):
         p: float,
     ) -> torch.Tensor:
         need_dx, need_dw, _, need_da, need_db = ctx.needs_input_grad[:5]
-        a = lora_a.to(x.dtype)  # (r, in)
-        b = lora_b.to(x.dtype)  # (out, r)
+        a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)  # (r, in)
+        b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)  # (out, r)
         mask = None
         xd = x
         if p > 0.0:
@@ -193,16 +196,34 @@ def fused_lora_linear(
     Returns:
         (..., out) in x's dtype
     """
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad
+    graph = p > 0.0 or (
+        torch.is_grad_enabled()
+        and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
     )
-    if needs_grad or p > 0.0:
+    if not graph:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    return fused_call(x, weight, bias, lora_a, lora_b, scaling, p, graph)
+
+
+def fused_call(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float,
+    graph: bool,
+) -> torch.Tensor:
+    """``fused_lora_linear`` once the caller has decided: ``graph`` -> the autograd node (dropout or gradients),
+    else the plain inference ops with factors already in x's dtype. Shapes as there."""
+    flat = x.dim() != 2
+    x2d = x.reshape(-1, x.shape[-1]) if flat else x
+    if graph:
         out = FusedLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scaling, p)
     else:
-        out = lora_linear_inference(x2d, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
-    return out.reshape(*lead, weight.shape[0])
+        out = lora_linear_inference(x2d, weight, bias, lora_a, lora_b, scaling)
+    return out.view(*x.shape[:-1], out.shape[-1]) if flat else out
 
 
 def fast_lora_term(
