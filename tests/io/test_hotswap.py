@@ -178,3 +178,35 @@ def test_parity_with_peft_hotswap(tmp_path, adapters):
         for key, value in theirs.state_dict().items():
             if ".lora_" in key:
                 torch.testing.assert_close(ours.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    "kind, targets",
+    [("emb", ["emb", "lin"]), ("conv", ["conv1d", "conv2d", "conv3d"])],
+)
+def test_prepared_compiled_hotswap_embedding_and_conv(tmp_path, kind, targets):
+    """Embedding factors (ParameterDict) and conv factors (kernel-shaped A, 1x1 B) pad and swap alike."""
+    first = _save(tmp_path, "x0", kind, 0, target_modules=targets, r=2, lora_alpha=7)
+    second = _save(tmp_path, "x1", kind, 1, target_modules=targets, r=6, lora_alpha=3)
+    model = PeftModel.from_pretrained(BUILDERS[kind](), first)
+    reference = _out(model, kind)
+    prepare_model_for_compiled_hotswap(model, target_rank=6)
+    torch._dynamo.reset()
+    backend, calls = _counting_backend()
+    compiled = torch.compile(model, backend=backend)
+    torch.testing.assert_close(_out(compiled, kind), reference, atol=1e-5, rtol=1e-5)
+    hotswap_adapter(compiled, second, adapter_name="default")
+    torch.testing.assert_close(_out(compiled, kind), _fresh(second, kind), atol=1e-5, rtol=1e-5)
+    hotswap_adapter(compiled, first, adapter_name="default")
+    torch.testing.assert_close(_out(compiled, kind), reference, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    torch._dynamo.reset()
+
+
+def test_grouped_conv_padding_is_refused(tmp_path):
+    folder = _save(tmp_path, "g", "conv", target_modules=["grouped"], r=2, lora_alpha=4)
+    model = PeftModel.from_pretrained(BUILDERS["conv"](), folder)
+    with pytest.raises(NotImplementedError, match=r"grouped conv \S*grouped \(groups=2\)"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    prepare_model_for_compiled_hotswap(model)  # scalings only: fine on grouped convs
+    assert isinstance(model.base_model.model.grouped.scaling["default"], torch.Tensor)
