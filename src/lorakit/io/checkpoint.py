@@ -76,6 +76,12 @@ def save_adapters(
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
         raise ValueError(f"selected_adapters {unknown} do not exist; existing adapters: {sorted(model.peft_config)}.")
+    if state_dicts is None and state_dict is None and any(hasattr(p, "device_mesh") for p in model.parameters()):
+        raise ValueError(
+            "The model's parameters are sharded (DTensors, e.g. from FSDP2's fully_shard); gather the adapter on every "
+            "rank with lorakit.integrations.distributed.gather_adapter_state_dict(model) and pass it as "
+            "save_pretrained(..., state_dict=...)."
+        )
     if not is_main_process:
         return
     for name in names:
