@@ -2,4 +2,6 @@
 
 - ``lorakit.integrations.transformers``: ``LorakitTrainer`` / ``LorakitTrainerMixin`` for transformers' Trainer.
 - ``lorakit.integrations.checkpointing``: gradient checkpointing of a lorakit model (no third-party import).
+- ``lorakit.integrations.distributed``: FSDP2 sharding per decoder layer (``shard_lora_model``) and gathering only the
+  adapter tensors from the shards to save (``gather_adapter_state_dict``); DDP needs no helper.
 """

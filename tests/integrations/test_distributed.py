@@ -1,0 +1,106 @@
+"""DDP and FSDP2 (fully_shard) training of a lorakit model in 2 CPU processes (gloo), against one process.
+
+One spawn (module fixture) runs every distributed case, in dist_workers.py; the tests read back what it wrote.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_workers import batch, build, free_port, lora_weights, train, worker
+
+import lorakit
+from models import tiny_llama
+
+WORLD = 2
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+except ImportError:
+    pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torch.multiprocessing.spawn(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD)
+    ranks = {
+        kind: [torch.load(out / f"{kind}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        for kind in ("ddp", "fsdp")
+    }
+    return out, ranks
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, the whole batch (WORLD * ROWS_PER_RANK rows), same steps."""
+    model = build()
+    train(model, batch(WORLD))
+    return model, lora_weights(model)
+
+
+def _assert_same(got: dict, want: dict, atol: float) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0, msg=key)
+
+
+def test_ddp_matches_one_process_on_the_whole_batch(runs, reference):
+    _, ranks = runs
+    _, want = reference
+    moved = max((want[k] - build().state_dict()[k]).abs().max().item() for k in want if ".default." in k)
+    assert moved > 1e-3  # training did move the adapter, so equality below means something
+    for result in ranks["ddp"]:
+        _assert_same(result["weights"], want, atol=1e-6)
+
+
+def test_ddp_buckets_hold_only_trainable_adapter_params(runs):
+    _, ranks = runs
+    result = ranks["ddp"][0]
+    trainable = {n: p for n, p in result["weights"].items() if n in result["requires_grad"]}
+    assert trainable.keys() == {n for n in result["weights"] if ".default." in n}  # 8 tensors; `other` is frozen
+    assert result["bucketed"] == {
+        "num_parameter_tensors": len(trainable),
+        "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in trainable.values()),
+    }
+    assert result["base_with_grad"] == []  # frozen base (and the inactive adapter) never get a grad
+
+
+def test_ddp_rank0_save_loads(runs, reference):
+    out, _ = runs
+    _, want = reference
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), out / "ddp_adapter")
+    _assert_same(lora_weights(loaded), {k: v for k, v in want.items() if ".default." in k}, atol=1e-6)
+    assert (out / "ddp_adapter" / "other" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp2_matches_one_process_and_saves(runs, reference):
+    out, ranks = runs
+    _, want = reference
+    default = {k: v for k, v in want.items() if ".default." in k}
+    assert ranks["fsdp"][0]["loss"] == pytest.approx(ranks["ddp"][0]["loss"], abs=1e-6)
+    # gathered: only the adapters' tensors (8 default + 4 other), not the 30-odd base tensors
+    assert len(ranks["fsdp"][0]["gathered_keys"]) == 12
+    assert all(".lora_" in k for k in ranks["fsdp"][0]["gathered_keys"])
+    assert ranks["fsdp"][0]["full_keys"] > 12
+    for result in ranks["fsdp"]:
+        assert "gather_adapter_state_dict" in result["refusal"]
+    assert not (out / "fsdp_ungathered").exists()
+    for folder in ("fsdp_adapter", "fsdp_full_adapter"):
+        loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), out / folder)
+        _assert_same(lora_weights(loaded), default, atol=1e-6)
+
+
+def test_fsdp2_fp32_adapters_on_bf16_base_need_no_policy(runs):
+    _, ranks = runs
+    result = ranks["fsdp"][0]
+    assert result["mixed_dtypes"] == {"torch.float32"}
+    model = build(torch.bfloat16)
+    loss = train(model, batch(WORLD))
+    mean_loss = sum(r["mixed_loss"] for r in ranks["fsdp"]) / WORLD  # each rank's loss is on its own rows
+    assert mean_loss == pytest.approx(loss, abs=2e-2)  # bf16 base: a different reduction order
+    want = {k: v for k, v in lora_weights(model).items() if ".default." in k}
+    _assert_same(result["mixed_weights"], want, atol=2e-3)
