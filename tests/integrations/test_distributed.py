@@ -104,3 +104,45 @@ def test_fsdp2_fp32_adapters_on_bf16_base_need_no_policy(runs):
     assert mean_loss == pytest.approx(loss, abs=2e-2)  # bf16 base: a different reduction order
     want = {k: v for k, v in lora_weights(model).items() if ".default." in k}
     _assert_same(result["mixed_weights"], want, atol=2e-3)
+
+
+# ---------------------------------------------------------------- helpers in one process (no spawn)
+def test_decoder_layers_found_from_no_split_modules_or_class():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lorakit.integrations.distributed import decoder_layers
+
+    model = build()
+    found = decoder_layers(model)
+    assert [type(m) for m in found] == [LlamaDecoderLayer, LlamaDecoderLayer]
+    assert decoder_layers(model, LlamaDecoderLayer) == found
+    with pytest.raises(ValueError, match=r"No module of class \['Conv2d'\].*LlamaDecoderLayer"):
+        decoder_layers(model, torch.nn.Conv2d)
+    plain = lorakit.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), lorakit.LoraConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"_no_split_modules.*pass layer_cls"):
+        decoder_layers(plain)
+
+
+def test_gather_selects_what_save_pretrained_writes(tmp_path):
+    """Unsharded, the gathered dict holds just the tensors the adapter files need: saving it gives the same files."""
+    from safetensors.torch import load_file
+
+    from lorakit.integrations.distributed import gather_adapter_state_dict
+
+    config = lorakit.LoraConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, bias="lora_only", modules_to_save=["lm_head"]
+    )
+    model = lorakit.get_peft_model(tiny_llama(), config)
+    model.add_adapter("other", lorakit.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=2))
+    gathered = gather_adapter_state_dict(model)
+    assert any(".modules_to_save.default." in k for k in gathered)
+    assert not any(".embed_tokens." in k or ".mlp." in k for k in gathered)
+    model.save_pretrained(tmp_path / "direct")
+    model.save_pretrained(tmp_path / "gathered", state_dict=gathered)
+    for sub in ("", "other"):
+        want = load_file(tmp_path / "direct" / sub / "adapter_model.safetensors")
+        got = load_file(tmp_path / "gathered" / sub / "adapter_model.safetensors")
+        _assert_same(got, want, atol=0)
+    assert gather_adapter_state_dict(model, ["other"]).keys() < gathered.keys()
+    with pytest.raises(ValueError, match=r"\['nope'\] do not exist; existing adapters: \['default', 'other'\]"):
+        gather_adapter_state_dict(model, ["nope"])
