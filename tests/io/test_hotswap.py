@@ -210,3 +210,25 @@ def test_grouped_conv_padding_is_refused(tmp_path):
         prepare_model_for_compiled_hotswap(model, target_rank=4)
     prepare_model_for_compiled_hotswap(model)  # scalings only: fine on grouped convs
     assert isinstance(model.base_model.model.grouped.scaling["default"], torch.Tensor)
+
+
+def test_prepared_model_mixed_batch_and_dora(tmp_path, adapters):
+    """Padded factors and pinned scalings work in mixed-adapter batches (the stacked path) and with DoRA."""
+    plain = PeftModel.from_pretrained(BUILDERS["mlp"](), adapters["a"])
+    plain.load_adapter(adapters["c"], adapter_name="other")
+    padded = PeftModel.from_pretrained(BUILDERS["mlp"](), adapters["a"])
+    padded.load_adapter(adapters["c"], adapter_name="other")
+    prepare_model_for_compiled_hotswap(padded, target_rank=8)
+    x = make_inputs("mlp")["x"]
+    names = ["default", "other", "__base__", "other"]
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x, adapter_names=names), plain(x, adapter_names=names))
+
+    dora = [
+        _save(tmp_path, f"dora{i}", target_modules=MLP_TARGETS, r=r, lora_alpha=a, use_dora=True, seed=i)
+        for i, (r, a) in enumerate([(4, 8), (8, 3)])
+    ]
+    model = PeftModel.from_pretrained(BUILDERS["mlp"](), dora[0])
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    hotswap_adapter(model, dora[1], adapter_name="default")
+    torch.testing.assert_close(_out(model), _fresh(dora[1]), atol=1e-5, rtol=1e-5)
