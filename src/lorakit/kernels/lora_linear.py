@@ -19,7 +19,8 @@ The fast path (``fused_lora_linear``) differs only in where the work happens:
 
   The frozen base weight gets no gradient unless it requires one (then dW = dY^T x, db = sum dY).
 
-Shapes: x (N, in), W (out, in), b (out,), A (r, in), B (out, r), mask (N, in) bool.
+Shapes: x (N, in) (the node also takes (..., in) and flattens it itself), W (out, in), b (out,), A (r, in),
+B (out, r), mask (N, in) bool.
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class FusedLoraLinear(torch.autograd.Function):
         p: float,
     ) -> torch.Tensor:
         need_dx, need_dw, _, need_da, need_db = ctx.needs_input_grad[:5]
+        shape = x.shape
+        if x.dim() != 2:  # flattened here, not by the caller: no view nodes in the graph (host time per layer)
+            x = x.reshape(-1, shape[-1])
         a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)  # (r, in)
         b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)  # (out, r)
         mask = None
@@ -142,7 +146,7 @@ class FusedLoraLinear(torch.autograd.Function):
             xd, mask = torch.native_dropout(x, p, True)
         hs = (xd @ a.t()).mul_(scaling)  # (N, r) = s * dropout(x) A^T
         out = _lora_plus_base(x, weight, bias, hs, b)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(
             x if (need_da or need_dw) else None,
@@ -152,13 +156,13 @@ class FusedLoraLinear(torch.autograd.Function):
             b if (need_dx or need_da) else None,
             hs if need_db else None,
         )
-        return out
+        return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
         x, mask, weight, a, b, hs = ctx.saved_tensors
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        dy = grad_out.contiguous()  # (N, out)
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, out)
         s, p = ctx.scaling, ctx.p
         gs = (dy @ b).mul_(s) if (need_dx or need_da) else None  # (N, r) = s * dY B
         dx = dw = dbias = da = db = None
@@ -167,6 +171,7 @@ class FusedLoraLinear(torch.autograd.Function):
             if mask is not None:
                 dx.mul_(mask).mul_(1.0 / (1.0 - p))
             dx.addmm_(dy, weight)  # + dY W: the base backward GEMM accumulates onto the LoRA part
+            dx = dx.view(ctx.shape)
         if need_da:
             xd = x if mask is None else x.mul(mask).mul_(1.0 / (1.0 - p))
             da = weight_grad(gs, xd, ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
@@ -217,13 +222,12 @@ def fused_call(
 ) -> torch.Tensor:
     """``fused_lora_linear`` once the caller has decided: ``graph`` -> the autograd node (dropout or gradients),
     else the plain inference ops with factors already in x's dtype. Shapes as there."""
-    flat = x.dim() != 2
-    x2d = x.reshape(-1, x.shape[-1]) if flat else x
-    if graph:
-        out = FusedLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scaling, p)
-    else:
-        out = lora_linear_inference(x2d, weight, bias, lora_a, lora_b, scaling)
-    return out.view(*x.shape[:-1], out.shape[-1]) if flat else out
+    if graph:  # the node flattens (..., in) itself
+        return FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p)
+    if x.dim() == 2:
+        return lora_linear_inference(x, weight, bias, lora_a, lora_b, scaling)
+    out = lora_linear_inference(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fast_lora_term(
