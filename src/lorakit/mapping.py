@@ -41,8 +41,12 @@ def get_peft_model(
 def inject_adapter_in_model(
     peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
 ) -> nn.Module:
-    """Add LoRA layers to ``model`` in place without a PeftModel wrapper; returns ``model``."""
-    from .model.inject import inject_lora
+    """Add LoRA layers (and modules_to_save copies) to ``model`` in place without a PeftModel wrapper; only the
+    adapter's parameters stay trainable, as with get_peft_model. Returns ``model``."""
+    from .model.inject import inject_lora, wrap_modules_to_save
+    from .model.trainable import mark_trainable
 
     inject_lora(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    wrap_modules_to_save(model, list(peft_config.modules_to_save or []), adapter_name)
+    mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
     return model

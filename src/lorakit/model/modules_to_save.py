@@ -78,7 +78,10 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Off: the frozen original answers and no copy trains; on: the active copy trains again."""
         self._disable_adapters = not enabled
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(enabled and name in self._active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
