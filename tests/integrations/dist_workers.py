@@ -114,14 +114,55 @@ def _fsdp(rank: int, world: int, out: Path) -> None:
     torch.save(result, out / f"fsdp_rank{rank}.pt")
 
 
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer(rank: int, world: int, out: Path) -> None:
+    """LorakitTrainer in a torchrun-like environment: the Trainer wraps the model in DDP itself."""
+    import transformers
+
+    from lorakit.integrations.transformers import LorakitTrainer
+
+    model = build()
+    args = transformers.TrainingArguments(
+        str(out / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=ROWS_PER_RANK,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,  # torch AdamW's default, as in train()
+        report_to="none",
+        use_cpu=True,
+        ddp_backend="gloo",
+        seed=0,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=_Rows(batch(world)))
+    trainer.train()  # every step covers the whole batch (the sampler splits it across ranks)
+    trainer.save_model(str(out / "trainer_adapter"))
+    wrapper = type(trainer.model_wrapped).__name__
+    torch.save({"weights": lora_weights(model), "wrapper": wrapper}, out / f"trainer_rank{rank}.pt")
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ.update(env, WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _ddp(rank, world, Path(out))
         _fsdp(rank, world, Path(out))
+        _trainer(rank, world, Path(out))
     finally:
         dist.destroy_process_group()

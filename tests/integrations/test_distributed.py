@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     torch.multiprocessing.spawn(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD)
     ranks = {
         kind: [torch.load(out / f"{kind}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
-        for kind in ("ddp", "fsdp")
+        for kind in ("ddp", "fsdp", "trainer")
     }
     return out, ranks
 
@@ -104,6 +104,17 @@ def test_fsdp2_fp32_adapters_on_bf16_base_need_no_policy(runs):
     assert mean_loss == pytest.approx(loss, abs=2e-2)  # bf16 base: a different reduction order
     want = {k: v for k, v in lora_weights(model).items() if ".default." in k}
     _assert_same(result["mixed_weights"], want, atol=2e-3)
+
+
+def test_lorakit_trainer_under_ddp_matches_and_saves_adapter_only(runs, reference):
+    out, ranks = runs
+    _, want = reference
+    for result in ranks["trainer"]:
+        assert result["wrapper"] == "DistributedDataParallel"
+        _assert_same(result["weights"], want, atol=1e-6)
+    assert not (out / "trainer_adapter" / "model.safetensors").exists()
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), out / "trainer_adapter")
+    _assert_same(lora_weights(loaded), {k: v for k, v in want.items() if ".default." in k}, atol=1e-6)
 
 
 # ---------------------------------------------------------------- helpers in one process (no spawn)
