@@ -27,10 +27,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build(dtype: torch.dtype = torch.float32) -> lorakit.PeftModel:
-    """A two-adapter model: ``default`` (trained, non-zero B so the first step moves A too) and ``other`` (inactive)."""
+def build(dtype: torch.dtype = torch.float32, dora: bool = False) -> lorakit.PeftModel:
+    """A two-adapter model: ``default`` (trained, non-zero B so the first step moves A too) and ``other`` (inactive).
+
+    ``dora``: ``default`` is a DoRA adapter (arXiv:2402.09353) with a trained copy of ``lm_head`` (modules_to_save)."""
+    extra = {"use_dora": True, "modules_to_save": ["lm_head"]} if dora else {}
     config = lorakit.LoraConfig(
-        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="gaussian"
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="gaussian", **extra
     )
     model = lorakit.get_peft_model(tiny_llama().to(dtype), config)
     model.add_adapter("other", lorakit.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=2))
@@ -105,6 +108,13 @@ def _fsdp(rank: int, world: int, out: Path) -> None:
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     model.save_pretrained(out / "fsdp_full_adapter", is_main_process=rank == 0, state_dict=full_sd)
     result = {"loss": loss, "gathered_keys": sorted(adapter_sd), "full_keys": len(full_sd), "refusal": refusal}
+
+    # DoRA magnitudes and a modules_to_save copy, sharded and gathered the same way
+    dora = shard_lora_model(build(dora=True), mesh=mesh)
+    train(dora, ids)
+    dora.save_pretrained(
+        out / "fsdp_dora_adapter", is_main_process=rank == 0, state_dict=gather_adapter_state_dict(dora)
+    )
 
     # mixed dtypes: fp32 adapters on a bf16 base, sharded with no MixedPrecisionPolicy
     mixed = shard_lora_model(build(torch.bfloat16), mesh=mesh)

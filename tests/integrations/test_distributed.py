@@ -94,6 +94,16 @@ def test_fsdp2_matches_one_process_and_saves(runs, reference):
         _assert_same(lora_weights(loaded), default, atol=1e-6)
 
 
+def test_fsdp2_dora_and_modules_to_save_match_one_process(runs):
+    out, _ = runs
+    model = build(dora=True)
+    train(model, batch(WORLD))
+    want = {k: v for k, v in model.state_dict().items() if ".default." in k}
+    assert any("lora_magnitude_vector" in k for k in want) and any("modules_to_save" in k for k in want)
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), out / "fsdp_dora_adapter").state_dict()
+    _assert_same({k: loaded[k] for k in want}, want, atol=1e-6)
+
+
 def test_fsdp2_fp32_adapters_on_bf16_base_need_no_policy(runs):
     _, ranks = runs
     result = ranks["fsdp"][0]
