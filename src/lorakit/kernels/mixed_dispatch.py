@@ -118,7 +118,8 @@ def fast_mixed_forward(
     """
     if not fast_paths_enabled() or args or kwargs or layer.merged_adapters or layer.layer_kind != "linear":
         return None
-    if not hasattr(layer, "lora_A") or not x.dtype.is_floating_point or x.dim() < 2 or global_hooks_present():
+    modules = layer.__dict__["_modules"]  # not nn.Module.__getattr__: this runs per layer per decode step
+    if "lora_A" not in modules or not x.dtype.is_floating_point or x.dim() < 2 or global_hooks_present():
         return None
     if autocast_active(x.device) or torch.compiler.is_compiling():
         return None
@@ -127,12 +128,13 @@ def fast_mixed_forward(
         return None
     rows, in_features = x.shape[0], x.shape[-1]
     x3 = x.reshape(rows, -1, in_features)  # (rows, L, in)
-    base = layer.base_layer
-    fuse_base = plain_linear(base) and not layer.fan_in_fan_out and base.weight.dtype == x.dtype
-    z = _adapter_part(plan, x3, base.bias if fuse_base else None)  # (rows, L, out)
+    base = modules["base_layer"]
+    params = base.__dict__["_parameters"]
+    fuse_base = plain_linear(base) and not layer.fan_in_fan_out and params["weight"].dtype == x.dtype
+    z = _adapter_part(plan, x3, params["bias"] if fuse_base else None)  # (rows, L, out)
     out_features = z.shape[-1]
     if fuse_base:
-        z.view(-1, out_features).addmm_(x3.reshape(-1, in_features), base.weight.t())  # + x W^T in the epilogue
+        z.view(-1, out_features).addmm_(x3.reshape(-1, in_features), params["weight"].t())  # + x W^T in the epilogue
         return z.view(*x.shape[:-1], out_features)
     result = base(x)
     return result + z.view(*x.shape[:-1], out_features).to(result.dtype)
