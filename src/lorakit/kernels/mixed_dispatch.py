@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..routing import BASE_ADAPTER
-from .adapter_stack import AdapterStack, adapter_stack, row_slots, stackable
+from .adapter_stack import AdapterStack, adapter_stack, row_slots
 from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_linear
 from .gathered import gather_factors, gathered_lora
 from .switch import fast_paths_enabled, triton_available
@@ -58,13 +58,14 @@ class MixedPlan:
         return a_rows, b_rows
 
 
-def _routable(layer: LoraLayer, routing: BatchRouting, x: torch.Tensor) -> bool:
+def _routable(layer: LoraLayer, routing: BatchRouting, stack: AdapterStack) -> bool:
     grad = torch.is_grad_enabled()
     dropouts = layer.__dict__["_modules"]["lora_dropout"]._modules
+    records, stacked = layer.adapters, stack.slot_of  # the stack is current: it holds exactly the stackable adapters
     for name in routing.groups:
-        if name == BASE_ADAPTER or name not in layer.adapters:
+        if name == BASE_ADAPTER or name not in records:
             continue
-        if not stackable(layer, name) or dropout_probability(dropouts[name]) != 0.0:
+        if name not in stacked or dropout_probability(dropouts[name]) != 0.0:
             return False
         if grad and any(p.requires_grad for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)):
             return False  # the stack is a detached copy: let autograd see the real factors
@@ -82,10 +83,10 @@ def _choose_backend(x: torch.Tensor, needs_grad: bool) -> str:
 def _plan(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> MixedPlan | None:
     cached = layer.__dict__.get("_lorakit_mixed")
     if cached is not None and cached.routing is routing and cached.dtype == x.dtype and cached.device == x.device:
-        return cached if not torch.is_grad_enabled() or _routable(layer, routing, x) else None
-    if not _routable(layer, routing, x):
-        return None
+        return cached if not torch.is_grad_enabled() or _routable(layer, routing, cached.stack) else None
     stack = adapter_stack(layer, x.dtype, x.device)
+    if not _routable(layer, routing, stack):
+        return None
     plan = MixedPlan(routing, x.dtype, x.device, stack, row_slots(routing, stack, x.device))
     layer.__dict__["_lorakit_mixed"] = plan
     return plan
