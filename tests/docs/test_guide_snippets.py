@@ -1,0 +1,41 @@
+"""Runs every ```python block of docs/guide.md, in order, in one shared namespace, so the guide cannot drift from
+the code. A block preceded by an ``<!-- skip: reason -->`` comment is not run (multi-process or CUDA-only code)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
+BLOCK = re.compile(r"(?:<!--\s*skip:(?P<skip>[^>]*?)-->\s*\n)?^```python\n(?P<code>.*?)^```", re.M | re.S)
+
+
+def guide_blocks(text: str) -> list[tuple[int, str, str | None]]:
+    """(line number, code, skip reason or None) of every ```python block, in order."""
+    return [
+        (text.count("\n", 0, m.start("code")) + 1, m.group("code"), (m.group("skip") or "").strip() or None)
+        for m in BLOCK.finditer(text)
+    ]
+
+
+def test_block_extraction_sees_skips_and_code():
+    text = "x\n```python\na = 1\n```\n<!-- skip: gpu -->\n```python\nb = 2\n```\n```bash\nls\n```\n"
+    assert guide_blocks(text) == [(3, "a = 1\n", None), (7, "b = 2\n", "gpu")]
+
+
+def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    blocks = guide_blocks(GUIDE.read_text())
+    assert len(blocks) >= 20, f"expected the guide's snippets, found {len(blocks)}"
+    skipped = [reason for _, _, reason in blocks if reason]
+    assert len(skipped) <= 2, f"keep skips few: {skipped}"
+    namespace: dict = {"__name__": "guide"}
+    for line, code, reason in blocks:
+        if reason:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # padded with newlines so that tracebacks give the guide's own line numbers
+            exec(compile("\n" * (line - 1) + code, "docs/guide.md", "exec"), namespace)
