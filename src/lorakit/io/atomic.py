@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
 
-    On any exception the temporary file is removed and ``target`` is left as it was.
+    The result keeps ``target``'s permissions when it existed, else gets those of an ordinary new file (0666 minus
+    the umask; mkstemp's own 0600 would hide the file from other users). On any exception the temporary file is
+    removed and ``target`` is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +27,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _final_mode(target))
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _final_mode(target: Path) -> int:
+    """Permission bits for the file replacing ``target``: its current ones, or 0666 minus the process umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
