@@ -34,10 +34,12 @@ def rescale_adapter_scale(model: nn.Module, multiplier: float) -> Iterator[None]
     try:
         for record, scale in saved:
             record.scale = scale * multiplier
+            record.sync_scaling()  # a pinned scaling tensor (compiled hotswap) is what forward reads
         yield
     finally:
         for record, scale in saved:
             record.scale = scale
+            record.sync_scaling()
 
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
