@@ -1,27 +1,48 @@
 """Runs every ```python block of docs/guide.md, in order, in one shared namespace, so the guide cannot drift from
-the code. A block preceded by an ``<!-- skip: reason -->`` comment is not run (multi-process or CUDA-only code)."""
+the code. A block preceded by an ``<!-- skip: reason -->`` comment is not run (multi-process or CUDA-only code); one
+preceded by ``<!-- needs: module -->`` runs only when that optional module (bitsandbytes) is importable."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import warnings
 from pathlib import Path
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
-BLOCK = re.compile(r"(?:<!--\s*skip:(?P<skip>[^>]*?)-->\s*\n)?^```python\n(?P<code>.*?)^```", re.M | re.S)
+BLOCK = re.compile(
+    r"(?:<!--\s*(?P<kind>skip|needs):(?P<reason>[^>]*?)-->\s*\n)?^```python\n(?P<code>.*?)^```", re.M | re.S
+)
+
+
+def _skip_reason(kind: str | None, reason: str | None) -> str | None:
+    """Why a block is not run here, or None to run it."""
+    if kind == "skip":
+        return reason.strip()
+    if kind == "needs" and importlib.util.find_spec(reason.strip()) is None:
+        return f"{reason.strip()} is not installed"
+    return None
 
 
 def guide_blocks(text: str) -> list[tuple[int, str, str | None]]:
     """(line number, code, skip reason or None) of every ```python block, in order."""
     return [
-        (text.count("\n", 0, m.start("code")) + 1, m.group("code"), (m.group("skip") or "").strip() or None)
+        (text.count("\n", 0, m.start("code")) + 1, m.group("code"), _skip_reason(m.group("kind"), m.group("reason")))
         for m in BLOCK.finditer(text)
     ]
 
 
 def test_block_extraction_sees_skips_and_code():
-    text = "x\n```python\na = 1\n```\n<!-- skip: gpu -->\n```python\nb = 2\n```\n```bash\nls\n```\n"
-    assert guide_blocks(text) == [(3, "a = 1\n", None), (7, "b = 2\n", "gpu")]
+    text = (
+        "x\n```python\na = 1\n```\n<!-- skip: gpu -->\n```python\nb = 2\n```\n```bash\nls\n```\n"
+        "<!-- needs: no_such_module_xyz -->\n```python\nc = 3\n```\n<!-- needs: torch -->\n```python\nd = 4\n```\n"
+    )
+    assert guide_blocks(text) == [
+        (3, "a = 1\n", None),
+        (7, "b = 2\n", "gpu"),
+        (14, "c = 3\n", "no_such_module_xyz is not installed"),
+        (18, "d = 4\n", None),
+    ]
 
 
 def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
@@ -29,7 +50,7 @@ def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     blocks = guide_blocks(GUIDE.read_text())
     assert len(blocks) >= 20, f"expected the guide's snippets, found {len(blocks)}"
-    skipped = [reason for _, _, reason in blocks if reason]
+    skipped = [reason for _, _, reason in blocks if reason and "not installed" not in reason]
     assert len(skipped) <= 2, f"keep skips few: {skipped}"
     namespace: dict = {"__name__": "guide"}
     for line, code, reason in blocks:
