@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from ..routing import BatchRouting
 
 
+def finite_as_stored(weight32: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True if a float32 merged weight holds no NaN/inf once cast to the stored ``dtype`` (fp16 overflows to inf
+    above 65504); integer (quantised) storage is checked in float32, where a cast would hide NaNs."""
+    stored = weight32.to(dtype) if dtype.is_floating_point else weight32
+    return bool(torch.isfinite(stored).all())
+
+
 class _ScalingView(Mapping):
     """PEFT-style ``layer.scaling[name]`` view over the records; assignment rescales the record."""
 
@@ -385,7 +392,7 @@ class LoraLayer(nn.Module):
             self._check_mergeable(name)
             new_weight = self._merged_weight(name, self._weight_from_2d(self.base_weight_2d()))
             bias_delta = self._bias_delta(name)
-            if safe_merge and not torch.isfinite(new_weight).all():
+            if safe_merge and not finite_as_stored(new_weight, self.weight.dtype):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if bias_delta is not None and base.bias is None:
                 raise ValueError(f"Adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")

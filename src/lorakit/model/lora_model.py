@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer
+from ..layers.base import finite_as_stored
 from ..tokens import TrainableTokensWrapper
 from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
@@ -399,7 +400,7 @@ def _check_finite_merge(path: str, layer: LoraLayer, pending: list[str]) -> None
     for name in pending:
         weight = layer._merged_weight(name, weight)
         bias = layer._bias_delta(name)
-        finite = torch.isfinite(weight.to(dtype)).all() and (bias is None or torch.isfinite(bias).all())
+        finite = finite_as_stored(weight, dtype) and (bias is None or torch.isfinite(bias).all())
         if not finite:
             raise ValueError(
                 f"NaNs detected in the merged weights. The adapter {name} seems to be broken (layer {path}); "
