@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_block_extraction_sees_skips_and_code():
 
 def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the guide's mkdtemp() lands in pytest's tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     blocks = guide_blocks(GUIDE.read_text())
     assert len(blocks) >= 20, f"expected the guide's snippets, found {len(blocks)}"
