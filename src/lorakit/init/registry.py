@@ -56,7 +56,7 @@ def register_init(name: str | bool, *, pattern: str | None = None, layer_kinds: 
     """Decorator registering ``fn`` under ``name`` (or every value fully matching ``pattern``)."""
 
     def wrap(fn: InitFn) -> InitFn:
-        key = str(name)
+        key = str(name) if pattern is None else pattern  # the key get_init returns, so layer_kinds apply
         if pattern is not None:
             _PREFIX_REGISTRY.append((re.compile(pattern), fn))
         else:
