@@ -66,6 +66,8 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]
         configs = config if isinstance(config, dict) else {adapter_name: config}
+        if adapter_name not in configs:  # it becomes the active adapter: never activate one that does not exist
+            raise ValueError(f"adapter_name {adapter_name!r} is not among the given configs {sorted(configs)}.")
         for name, cfg in configs.items():
             self.inject_adapter(
                 name,
