@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -229,6 +230,8 @@ def load_adapter_weights(
 
 
 def _belongs_to(key: str, adapter_name: str) -> bool:
-    return (f".{adapter_name}." in key or key.endswith(f".{adapter_name}")) and (
-        ".lora_" in key or ".modules_to_save." in key or ".trainable_tokens_delta." in key
-    )
+    """Whether in-memory ``key`` is a tensor of ``adapter_name``: the name must be the segment right after the
+    per-adapter container (an adapter named ``weight`` must not claim every ``...lora_A.<other>.weight``)."""
+    name = re.escape(adapter_name)
+    pattern = rf"\.(lora_[A-Za-z_]+|modules_to_save)\.{name}(\.|$)|\.trainable_tokens_delta\.{name}$"
+    return re.search(pattern, key) is not None
