@@ -28,3 +28,10 @@ def test_adapter_named_like_a_tensor_suffix_loads_without_false_missing_keys(tmp
     assert missing == [] and unexpected == []
     layer = model.base_model.model.lin0
     torch.testing.assert_close(layer.lora_A[name].weight, layer.lora_A["default"].weight, atol=0, rtol=0)
+
+
+def test_selected_adapters_as_a_string_is_a_clear_type_error(tmp_path):
+    model, _ = _saved(tmp_path / "first")
+    with pytest.raises(TypeError, match=r"selected_adapters.*\['default'\]"):
+        model.save_pretrained(tmp_path / "second", selected_adapters="default")
+    assert not (tmp_path / "second").exists()

@@ -73,6 +73,8 @@ def save_adapters(
         warnings.warn(f"save_pretrained ignores the keyword arguments {sorted(ignored)}.", stacklevel=3)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {str(save_directory)!r} is a file; give a folder.")
+    if isinstance(selected_adapters, str):  # list("default") would be seven one-letter names
+        raise TypeError(f"selected_adapters must be a list of adapter names; use [{selected_adapters!r}].")
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
