@@ -35,3 +35,10 @@ def test_selected_adapters_as_a_string_is_a_clear_type_error(tmp_path):
     with pytest.raises(TypeError, match=r"selected_adapters.*\['default'\]"):
         model.save_pretrained(tmp_path / "second", selected_adapters="default")
     assert not (tmp_path / "second").exists()
+
+
+def test_unusable_torch_device_is_not_reported_as_a_corrupt_file(tmp_path):
+    _, folder = _saved(tmp_path)
+    with pytest.raises(RuntimeError, match="nodevice") as info:
+        lorakit.PeftModel.from_pretrained(BUILDERS["mlp"](), folder, torch_device="nodevice")
+    assert "corrupt" not in str(info.value)

@@ -160,13 +160,17 @@ def read_adapter_weights(
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path), device=str(device))
-        return torch.load(path, map_location=device, weights_only=True)
+            tensors = load_file(str(path), device="cpu")
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
             f"Could not read adapter weights from {path}: the file is corrupt or truncated ({type(err).__name__}: "
             f"{err})."
         ) from None
+    # moved outside the parse, so a device that is unknown or unavailable is reported as such, not as a bad file
+    target = torch.device(device)
+    return tensors if target.type == "cpu" else {k: v.to(target) for k, v in tensors.items()}
 
 
 def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
