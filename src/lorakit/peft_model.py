@@ -152,13 +152,21 @@ class PeftModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ adapter lifecycle
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new, inactive adapter (activate it with set_adapter)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new, inactive adapter (activate it with set_adapter); on fp16/bf16 bases its weights are float32
+        unless ``autocast_adapter_dtype=False``."""
         self._add_auto_modules_to_save(peft_config)
         self.base_model.inject_adapter(
             adapter_name,
             peft_config,
             low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
             auto_modules_to_save=self.auto_modules_to_save,
         )
 

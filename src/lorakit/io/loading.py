@@ -95,7 +95,9 @@ def load_adapter_into(
     tensors = read_adapter_weights(model_id, device=torch_device or "cpu", **hub)
     was_training = peft_model.training
     with peft_model.base_model.adding(adapter_name):  # all or nothing
-        peft_model.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        peft_model.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         result = load_adapter_weights(peft_model, tensors, adapter_name, str(model_id), ignore_mismatched_sizes)
     peft_model.base_model._apply_trainability()
     if not is_trainable:
