@@ -31,7 +31,7 @@ def test_add_adapter_honours_autocast_adapter_dtype(autocast):
     assert _dtypes(model, "two") == {torch.float32 if autocast else torch.float16}
 
 
-@pytest.mark.parametrize("low_cpu_mem_usage", [False])
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_load_adapter_honours_autocast_adapter_dtype(folder, low_cpu_mem_usage, autocast):
     dtypes = []
@@ -39,4 +39,21 @@ def test_load_adapter_honours_autocast_adapter_dtype(folder, low_cpu_mem_usage, 
         model = lib.PeftModel.from_pretrained(BUILDERS["mlp"]().half(), folder, autocast_adapter_dtype=False)
         model.load_adapter(folder, "two", autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage)
         dtypes.append(_dtypes(model, "two"))
+    assert dtypes[1] == dtypes[0] == {torch.float32 if autocast else torch.float16}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_from_pretrained_low_cpu_mem_usage_gives_the_dtype_of_an_ordinary_load(tmp_path, autocast):
+    model = lorakit.get_peft_model(
+        BUILDERS["mlp"]().to(torch.bfloat16),
+        lorakit.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False),
+        autocast_adapter_dtype=False,
+    )
+    model.save_pretrained(tmp_path)  # bfloat16 factors on disk
+    dtypes = []
+    for low_cpu_mem_usage in (False, True):
+        loaded = lorakit.PeftModel.from_pretrained(
+            BUILDERS["mlp"]().half(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast
+        )
+        dtypes.append(_dtypes(loaded, "default"))
     assert dtypes[1] == dtypes[0] == {torch.float32 if autocast else torch.float16}

@@ -31,6 +31,15 @@ def _apply_runtime(config: LoraConfig, is_trainable: bool, ephemeral_gpu_offload
         config.runtime_config.ephemeral_gpu_offload = True
 
 
+def _place_loaded(peft_model: PeftModel, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+    """Give the loaded adapter its layers' device and the dtype an ordinary load gives. Needed where the load
+    assigned the checkpoint's tensors (meta parameters, e.g. low_cpu_mem_usage): they keep the file's dtype and
+    ``torch_device`` otherwise. A no-op after an in-place copy."""
+    for _, layer in peft_model.base_model.lora_layers():
+        if adapter_name in layer.adapters:
+            layer._move_adapter(adapter_name, autocast_adapter_dtype)
+
+
 def load_peft_model(
     cls: type[PeftModel],
     model: nn.Module,
@@ -64,6 +73,7 @@ def load_peft_model(
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
         load_adapter_weights(peft_model, tensors, adapter_name, str(model_id), ignore_mismatched_sizes)
+        _place_loaded(peft_model, adapter_name, autocast_adapter_dtype)
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()
@@ -99,6 +109,7 @@ def load_adapter_into(
             adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
         )
         result = load_adapter_weights(peft_model, tensors, adapter_name, str(model_id), ignore_mismatched_sizes)
+        _place_loaded(peft_model, adapter_name, autocast_adapter_dtype)
     peft_model.base_model._apply_trainability()
     if not is_trainable:
         peft_model.eval()
