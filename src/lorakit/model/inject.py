@@ -16,6 +16,7 @@ from ..targeting import (
     rank_and_alpha,
     resolve_target_names,
     unmatched_entries,
+    unused_exclusions,
     warn_unused_patterns,
 )
 from ..tokens import TrainableTokensWrapper, wrap_trainable_tokens
@@ -69,6 +70,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     missing = unmatched_entries(config, (n for n, _ in modules))
     if missing:
         warnings.warn(f"target_modules entries {missing} match no module of the model; they are ignored.", stacklevel=4)
+    unused = unused_exclusions(config, (n for n, _ in modules))
+    if unused:
+        warnings.warn(
+            f"exclude_modules entries {unused} match no module of the model; they exclude nothing.", stacklevel=4
+        )
     return names
 
 

@@ -8,6 +8,7 @@ from .match import (
     is_target,
     resolve_target_names,
     unmatched_entries,
+    unused_exclusions,
 )
 from .patterns import rank_and_alpha, warn_unused_patterns
 
@@ -21,5 +22,6 @@ __all__ = [
     "rank_and_alpha",
     "resolve_target_names",
     "unmatched_entries",
+    "unused_exclusions",
     "warn_unused_patterns",
 ]

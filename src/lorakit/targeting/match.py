@@ -145,6 +145,17 @@ def unmatched_entries(config: LoraConfig, names: Iterable[str]) -> list[str]:
     return [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def unused_exclusions(config: LoraConfig, names: Iterable[str]) -> list[str]:
+    """Entries of exclude_modules (a list, or the one regex) that match no module path, so exclude nothing."""
+    excluded = config.exclude_modules
+    if not excluded:
+        return []
+    names = list(names)
+    entries = [excluded] if isinstance(excluded, str) else list(excluded)
+    as_given = (lambda e: e) if isinstance(excluded, str) else (lambda e: [e])  # regex, or exact / dotted suffix
+    return [e for e in entries if not any(matches_any(as_given(e), n) for n in names)]
+
+
 def _regex_hint(pattern: str, adaptable_paths: list[str]) -> str:
     partial = next((n for n in adaptable_paths if re.search(pattern, n)), None)
     if partial is not None:
