@@ -26,3 +26,11 @@ def test_dict_config_activates_the_named_adapter():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"model.lin1.lora_A.b.weight", "model.lin1.lora_B.b.weight"}
     assert isinstance(model(torch.randn(2, 10)), torch.Tensor)
+
+
+def test_set_adapter_refuses_duplicate_names():
+    config = lorakit.LoraConfig(target_modules=["lin0"], init_lora_weights=False)
+    model = lorakit.get_peft_model(BUILDERS["mlp"](), config)
+    with pytest.raises(ValueError, match=r"\['default', 'default'\].*twice"):
+        model.set_adapter(["default", "default"])  # the adapter's term would be added twice
+    assert model.active_adapters == ["default"]

@@ -200,6 +200,8 @@ class LoraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise ValueError(f"Adapter(s) {unknown or names} not found; existing adapters: {sorted(self.peft_config)}.")
+        if len(set(names)) != len(names):  # every layer would add the repeated adapter's output twice
+            raise ValueError(f"Adapter names {names} name an adapter twice; give each active adapter once.")
         for name in names:
             self.peft_config[name].inference_mode = inference_mode
         self._active = names
