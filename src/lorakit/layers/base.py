@@ -440,12 +440,10 @@ class LoraLayer(nn.Module):
         if routing is not None:
             return self._forward_mixed(x, routing, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for name in self._active_adapters:
             record = self.adapters.get(name)
-            if record is None:
-                continue
+            if record is None or name in self.merged_adapters:
+                continue  # merged adapters are already in the base weight
             if record.variant is not None:
                 result = record.variant.forward(self, name, x, result)
             else:
