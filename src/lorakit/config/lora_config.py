@@ -146,7 +146,7 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"`bias` must be one of {BIAS_MODES}, got {self.bias!r}.")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
 
     def _validate_targets(self) -> None:

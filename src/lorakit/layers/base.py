@@ -177,7 +177,7 @@ class LoraLayer(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` with rank ``r`` on this layer and initialise it."""
-        if not isinstance(r, int) or r <= 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r!r} for layer {module_name or self}.")
         record = AdapterRecord(
             r=r,

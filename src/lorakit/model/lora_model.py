@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..layers.base import finite_as_stored
+from ..routing import BASE_ADAPTER
 from ..tokens import TrainableTokensWrapper
 from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
@@ -135,6 +136,8 @@ class LoraModel(nn.Module):
             )
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"Adapter name {BASE_ADAPTER!r} is reserved for base-model rows in mixed batches.")
         if hasattr(nn.ModuleDict, adapter_name):  # per-adapter ModuleDicts cannot hold a key like "to" or "float"
             raise ValueError(
                 f"Adapter name {adapter_name!r} is also an attribute of torch.nn.ModuleDict (which holds the adapters' "
