@@ -187,6 +187,10 @@ class LoraLayer(nn.Module):
             dropout=float(config.lora_dropout),
         )
         self._check_supported(adapter_name, record, config, module_name)
+        if adapter_name in self.adapters:  # replacing: nothing of the old adapter (e.g. a DoRA magnitude) may remain
+            if adapter_name in self.merged_adapters:
+                raise ValueError(f"Adapter {adapter_name!r} is merged into this layer; unmerge it before replacing it.")
+            self._drop_adapter_state(adapter_name)
         self.adapters[adapter_name] = record
         self.lora_dropout[adapter_name] = nn.Dropout(p=record.dropout) if record.dropout > 0 else nn.Identity()
         if low_cpu_mem_usage:
@@ -307,17 +311,21 @@ class LoraLayer(nn.Module):
         else:
             self.set_adapter(self._active_adapters)
 
+    def _drop_adapter_state(self, adapter_name: str) -> None:
+        """Remove the adapter's record and every per-adapter entry (factors, dropout, variant parameters)."""
+        for attr in (*self.adapter_layer_names, "lora_dropout"):
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        del self.adapters[adapter_name]
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every trace of ``adapter_name``; if it was active, fall back to another adapter."""
         if adapter_name not in self.adapters:
             return
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting.")
-        for attr in (*self.adapter_layer_names, "lora_dropout"):
-            container = getattr(self, attr, None)
-            if container is not None and adapter_name in container:
-                del container[adapter_name]
-        del self.adapters[adapter_name]
+        self._drop_adapter_state(adapter_name)
         remaining = [n for n in self._active_adapters if n != adapter_name]
         if not remaining and self.adapters:
             remaining = [next(iter(self.adapters))]
