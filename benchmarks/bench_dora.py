@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cases.common import llama_model
+
 PROFILES = {
     # the performance issue's model: hidden 2048, 16 layers, intermediate 5632, 32 heads, 8 kv heads, vocab 32000
     "gpu": dict(
@@ -53,23 +55,7 @@ class Result:
 
 
 def build_model(profile: dict, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=profile["hidden"],
-        num_hidden_layers=profile["layers"],
-        intermediate_size=profile["intermediate"],
-        num_attention_heads=profile["heads"],
-        num_key_value_heads=profile["kv_heads"],
-        vocab_size=profile["vocab"],
-        max_position_embeddings=max(2048, profile["seq"]),
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype)
+    return llama_model(profile, device, dtype, max(2048, profile["seq"]), attn_implementation="sdpa")
 
 
 def lora_config(lib, dora: bool):

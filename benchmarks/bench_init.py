@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from cases.common import llama_model
+
 PROFILES = {
     "cpu": dict(
         hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=512, r=8, eva_r=4, eva_tau=0.9,
@@ -42,22 +44,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build_model(p: dict, device: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=p["vocab"],
-        hidden_size=p["hidden"],
-        intermediate_size=p["intermediate"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=max(p["calib_len"], p["eva_len"]),
-        tie_word_embeddings=False,
-    )
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(getattr(torch, p["dtype"])).eval()
+    dtype = getattr(torch, p["dtype"])
+    return llama_model(p, device, dtype, max(p["calib_len"], p["eva_len"])).eval()
 
 
 def data(p: dict, device: str) -> tuple[list[torch.Tensor], list[dict]]:

@@ -92,22 +92,29 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def build_llama(profile: dict, device: torch.device):
+def llama_model(shape: dict, device: torch.device | str, dtype: torch.dtype, max_positions: int = 4096, **kwargs):
+    """A LlamaForCausalLM built from ``shape`` (hidden, layers, intermediate, heads, kv_heads, vocab), seed 0,
+    created directly on ``device`` and cast to ``dtype``. Shared by every benchmark script so they build one model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=profile["hidden"],
-        num_hidden_layers=profile["layers"],
-        intermediate_size=profile["intermediate"],
-        num_attention_heads=profile["heads"],
-        num_key_value_heads=profile["kv_heads"],
-        vocab_size=profile["vocab"],
-        max_position_embeddings=4096,
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        intermediate_size=shape["intermediate"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
+        **kwargs,
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(profile["dtype"])
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def build_llama(profile: dict, device: torch.device):
+    model = llama_model(profile, device, profile["dtype"])
     model.requires_grad_(False)
     return model.eval()
 
