@@ -447,6 +447,10 @@ class LoraLayer(nn.Module):
         routing = current_routing()
         if routing is not None:
             return self._forward_mixed(x, routing, *args, **kwargs)
+        return self._forward_active(x, *args, **kwargs)
+
+    def _forward_active(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The ordinary forward: base output plus each active, unmerged adapter's term (or its variant)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_adapters:
             record = self.adapters.get(name)

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from ..delta import add_low_rank, delta_matrix
-from ..routing import current_routing
 from .base import LoraLayer
 from .record import AdapterRecord
 
@@ -151,16 +150,10 @@ class ParamWrapper(LoraLayer):
             batched = add_low_rank(batched, left, right, self.adapters[name].scaling)
         return batched.reshape(weight.shape)
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        routing = current_routing()
-        if routing is not None:
-            return self._forward_mixed(x, routing, *args, **kwargs)
-        names = [n for n in self._active_adapters if n in self.adapters]
-        if self.merged or not names:
+    def _forward_active(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module runs with W + sum of the active, unmerged adapters' deltas in place of W."""
+        names = [n for n in self._active_adapters if n in self.adapters and n not in self.merged_adapters]
+        if not names:
             return self.base_layer(x, *args, **kwargs)
         with substituted_parameter(self.get_base_layer(), self.parameter_name, self.adapted_weight(names)):
             return self.base_layer(x, *args, **kwargs)
