@@ -32,10 +32,19 @@ import torch.nn as nn
 
 RANK = 4
 N_ADAPTERS = 32
+USE_DORA = False  # --dora: DoRA adapters instead of plain LoRA
+DEVICE = torch.device("cpu")  # --device
 
 
 def _lora_kwargs(targets) -> dict:
-    return dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    return dict(
+        r=RANK,
+        lora_alpha=2 * RANK,
+        lora_dropout=0.0,
+        target_modules=targets,
+        init_lora_weights=False,
+        use_dora=USE_DORA,
+    )
 
 
 def _wrap(lib: str, base: nn.Module, targets, n_adapters: int = 1):
@@ -61,7 +70,7 @@ def _llama(hidden: int, layers: int) -> nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(DEVICE)
     model.requires_grad_(False)
     return model.eval()
 
@@ -77,11 +86,11 @@ class _OneLinear(nn.Module):
 
 def _layer_cases(d: int) -> dict[str, dict[str, Callable[[], object]]]:
     torch.manual_seed(0)
-    base = _OneLinear(d).requires_grad_(False)
+    base = _OneLinear(d).to(DEVICE).requires_grad_(False)
     layers = {"frozen": base.lin}
     for lib in ("lorakit", "peft"):
         layers[lib] = _wrap(lib, base, ["lin"]).base_model.model.lin
-    x = torch.randn(8, d)
+    x = torch.randn(8, d, device=DEVICE)
     xg = x.clone().requires_grad_()
 
     def fwd(layer):
@@ -110,7 +119,7 @@ def _model_cases(hidden: int, layers: int) -> dict[str, dict[str, Callable[[], o
     for lib in ("lorakit", "peft"):
         models[lib] = _wrap(lib, base, "all-linear")
     train = {k: copy.deepcopy(m).train() for k, m in models.items()}  # separate copies: no mode switch per call
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     embeds = base.get_input_embeddings()(ids).detach()
     embeds_g = embeds.clone().requires_grad_()
 
@@ -137,7 +146,7 @@ def _mixed_cases(hidden: int, layers: int, decode_tokens: int) -> dict[str, dict
         "lorakit": _wrap("lorakit", base, "all-linear", N_ADAPTERS).eval(),
         "peft": _wrap("peft", base, "all-linear", N_ADAPTERS).eval(),
     }
-    ids = torch.randint(0, 256, (N_ADAPTERS, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (N_ADAPTERS, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     names = [f"a{i}" for i in range(N_ADAPTERS)]
 
     def kwargs(lib: str) -> dict:
@@ -180,6 +189,8 @@ def _time_round(fn: Callable[[], object], calls: int) -> float:
     start = _clock()
     for _ in range(calls):
         fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return (_clock() - start) / calls * 1e6
 
 
@@ -242,9 +253,12 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--profile", default=None, help="cProfile lorakit on one case, e.g. model-fwd+bwd")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="thread: CPU time of this thread")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (tiny shapes: host-bound on a GPU too)")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True) instead of plain LoRA")
     args = parser.parse_args()
-    global _clock
+    global _clock, USE_DORA, DEVICE
     _clock = CLOCKS[args.clock]
+    USE_DORA, DEVICE = args.dora, torch.device(args.device)
     torch.set_num_threads(1)
     groups = set(args.cases.split(","))
     cases: dict[str, dict[str, Callable[[], object]]] = {}
@@ -257,8 +271,11 @@ def main() -> None:
     if args.profile:
         _profile(cases, args.profile, args.calls)
         return
-    print(f"torch {torch.__version__}, 1 thread, rounds={args.rounds}, calls={args.calls}, hidden={args.hidden}, "
-          f"layers={args.layers}, r={RANK}, clock={args.clock}; per-call us, min over rounds (median)")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, 1 thread, rounds={args.rounds}, calls={args.calls}, hidden={args.hidden}, "
+        f"layers={args.layers}, r={RANK}, dora={USE_DORA}, device={DEVICE}, clock={args.clock}; "
+        "per-call us, min over rounds (median)"
+    )
     times = _run(cases, args.rounds, args.calls)
     _decode_rows(times, args.decode_tokens)
     _print(times)

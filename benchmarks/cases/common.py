@@ -81,6 +81,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, steps: int, warmup: 
     return statistics.median(times) if device.type == "cuda" else min(times)
 
 
+def host_issue_ms(fn: Callable[[], object], device: torch.device, steps: int) -> float:
+    """Median host time of ``fn`` until it returns, without waiting for the device (synchronised before each call,
+    so the queue starts empty). Close to the wall time: the step is host-bound; far below it: device-bound."""
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
 def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import Row, adapter_state, peak_gib, reset_peak, time_ms, unwrap, wrap_lorakit, wrap_peft
+from .common import (
+    Row,
+    adapter_state,
+    host_issue_ms,
+    peak_gib,
+    reset_peak,
+    time_ms,
+    unwrap,
+    wrap_lorakit,
+    wrap_peft,
+)
 
 
 def _tokens(profile: dict, device: torch.device) -> torch.Tensor:
@@ -24,10 +34,14 @@ def _floor(base, ids: torch.Tensor, profile: dict, device: torch.device) -> tupl
     base.train()
     reset_peak(device)
     ms = time_ms(step, device, profile["steps"], profile["warmup"])
-    return ms, peak_gib(device)
+    peak = peak_gib(device)
+    profile.setdefault("host_ms", {})["floor"] = host_issue_ms(step, device, profile["steps"])
+    return ms, peak
 
 
-def _lora_step(model, ids: torch.Tensor, profile: dict, device: torch.device) -> tuple[float, float | None, float]:
+def _lora_step(
+    model, ids: torch.Tensor, profile: dict, device: torch.device, label: str
+) -> tuple[float, float | None, float]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -43,7 +57,9 @@ def _lora_step(model, ids: torch.Tensor, profile: dict, device: torch.device) ->
     step()  # optimizer state exists before the peak is reset: both libraries are measured alike
     reset_peak(device)
     ms = time_ms(step, device, profile["steps"], profile["warmup"])
-    return ms, peak_gib(device), losses[0].item()
+    peak = peak_gib(device)
+    profile.setdefault("host_ms", {})[label] = host_issue_ms(step, device, profile["steps"])
+    return ms, peak, losses[0].item()
 
 
 def _trace(model, ids: torch.Tensor, log) -> None:
@@ -63,6 +79,9 @@ def _trace(model, ids: torch.Tensor, log) -> None:
         except (AttributeError, KeyError, ValueError):
             continue
     log("trace of one lorakit step (fwd + bwd):\n" + table)
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels) / 1e3
+    log(f"device kernels in one fwd + bwd: {len(kernels)}, summed kernel time {busy:.1f} ms")
 
 
 def _mem(gib: float | None, floor: float | None) -> str:
@@ -77,10 +96,10 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
     for dropout in (0.0, 0.1):
         peft_model = wrap_peft(base, 1, dropout)
         state = adapter_state(peft_model)
-        peft_ms, peft_gib, peft_loss = _lora_step(peft_model, ids, profile, device)
+        peft_ms, peft_gib, peft_loss = _lora_step(peft_model, ids, profile, device, f"peft p={dropout}")
         base = unwrap(peft_model)
         lk_model = wrap_lorakit(base, state, 1, dropout)
-        lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device)
+        lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device, f"lorakit p={dropout}")
         if profile.get("trace") and dropout == 0.0:
             _trace(lk_model, ids, log)
         base = unwrap(lk_model)
@@ -91,5 +110,11 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
             notes.append(f"peak peft {_mem(peft_gib, floor_gib)}, lorakit {_mem(lk_gib, floor_gib)}")
         if dropout == 0.0:
             notes.append(f"step-0 loss peft {peft_loss:.4f} / lorakit {lk_loss:.4f}")
+        hosts = profile.get("host_ms", {})
+        notes.append(
+            "host issue ms floor {:.1f} / peft {:.1f} / lorakit {:.1f}".format(
+                hosts["floor"], hosts[f"peft p={dropout}"], hosts[f"lorakit p={dropout}"]
+            )
+        )
         rows.append(Row("training", case, floor_ms, peft_ms, lk_ms, "; ".join(notes)))
     return rows, base

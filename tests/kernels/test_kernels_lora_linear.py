@@ -154,10 +154,21 @@ def test_eligibility_rejects_what_it_cannot_fuse():
     assert dropout_probability(nn.AlphaDropout(0.1)) is None
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.375])
 @pytest.mark.parametrize("chunks", [1, 4, 3])
-def test_chunked_weight_gradient_equals_one_gemm(chunks):
+def test_chunked_weight_gradient_equals_one_gemm(chunks, scale):
     from lorakit.kernels.lora_linear import chunked_weight_grad
 
     left, right = torch.randn(512, 6), torch.randn(512, 40)
-    out = chunked_weight_grad(left, right, torch.float32, chunks)  # 3 does not divide 512: one GEMM
-    torch.testing.assert_close(out, left.t() @ right, atol=1e-4, rtol=1e-5)
+    out = chunked_weight_grad(left, right, torch.float32, chunks, scale)  # 3 does not divide 512: one GEMM
+    torch.testing.assert_close(out, scale * (left.t() @ right), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_mm_applies_the_scale_once(dtype):
+    from lorakit.kernels.lora_linear import scaled_mm
+
+    left, right = torch.randn(33, 7, dtype=dtype), torch.randn(7, 19, dtype=dtype)
+    for scale in (1.0, 2.5, -0.5):
+        expected = (left.double() @ right.double() * scale).to(dtype)
+        torch.testing.assert_close(scaled_mm(left, right, scale), expected, atol=1e-5, rtol=1e-2)

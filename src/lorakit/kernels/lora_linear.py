@@ -6,18 +6,21 @@ The fast path (``fused_lora_linear``) differs only in where the work happens:
 
 * the adapter factors are cast to the activation dtype (float32 master weights stay the parameters; their grads
   come back in float32), so both LoRA matmuls run on the tensor cores and no float32 copy of x is ever made;
-* the scale s is folded into the rank-r intermediate ``hs = s * dropout(x) A^T`` (N x r: r/out of the cost of
-  scaling the output), and the add into the base GEMM's epilogue: ``out = hs B^T (+ b)``, then
-  ``out.addmm_(x, W^T)`` accumulates the base product onto it (beta = 1), so the output is written once more
-  instead of three times;
+* the scale s rides in the GEMMs' alpha (cuBLAS applies it to the float32 accumulator before rounding: no
+  separate scale pass, and one launch fewer per use), and the add into the base GEMM's epilogue:
+  ``out = s * h B^T (+ b)`` with ``h = dropout(x) A^T`` (N x r), then ``out.addmm_(x, W^T)`` accumulates the base
+  product onto it (beta = 1), so the output is written once more instead of three times;
 * backward is derived by hand and saves only x (which callers usually keep anyway), the bool dropout mask, the
-  N x r intermediate and the (tiny) cast factors. With g = dY B (N x r):
+  N x r intermediate h and the (tiny) cast factors. With g = dY B (N x r):
 
-      dX = dY W + s * (g A) * mask / (1 - p)     (accumulated the same way: (s g) A first, then .addmm_(dY, W))
+      dX = dY W + s * (g A) * mask / (1 - p)     (the low-rank part first, then .addmm_(dY, W) onto it)
       dA = s * g^T dropout(x)                    (dropout(x) recomputed from x and the mask)
-      dB = dY^T hs                               (hs = s * dropout(x) A^T, saved)
+      dB = s * dY^T h
 
   The frozen base weight gets no gradient unless it requires one (then dW = dY^T x, db = sum dY).
+
+On a GPU each aten call costs host time (dispatch and launch, ~10-20 us on a busy step) that a hundred LoRA layers
+multiply, so the node keeps the count low: per layer 5 calls forward (two casts, three GEMMs) and 7 backward.
 
 Shapes: x (N, in) (the node also takes (..., in) and flattens it itself), W (out, in), b (out,), A (r, in),
 B (out, r), mask (N, in) bool.
@@ -63,8 +66,27 @@ def reference_lora_linear(
 WGRAD_CHUNKS = 8
 
 
-def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """left^T @ right in ``dtype``, reduced over the N rows (in ``WGRAD_CHUNKS`` chunks on CUDA).
+_IGNORED: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _ignored(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor to pass as the input of ``addmm`` / ``baddbmm`` with beta = 0 (never read: cuBLAS skips it)."""
+    key = (like.dtype, like.device)
+    dummy = _IGNORED.get(key)
+    if dummy is None:
+        dummy = _IGNORED[key] = torch.empty((), dtype=like.dtype, device=like.device)
+    return dummy
+
+
+def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * left @ right in one GEMM (the scale applied to the float32 accumulator). left: (n, k); right: (k, m)."""
+    if scale == 1.0:
+        return left @ right
+    return torch.addmm(_ignored(left), left, right, beta=0, alpha=scale)
+
+
+def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """scale * left^T @ right in ``dtype``, reduced over the N rows (in ``WGRAD_CHUNKS`` chunks on CUDA).
 
     Args:
         left: (N, p); right: (N, q)
@@ -72,13 +94,15 @@ def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> 
         (p, q)
     """
     if WGRAD_CHUNKS > 1 and left.is_cuda:
-        return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS)
-    grad = left.t() @ right  # (p, N) @ (N, q): one GEMM, no split checks (this runs twice per layer per step)
+        return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS, scale)
+    grad = scaled_mm(left.t(), right, scale)  # (p, N) @ (N, q): one GEMM (this runs twice per layer per step)
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def chunked_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, chunks: int) -> torch.Tensor:
-    """left^T @ right as a batched matmul over ``chunks`` token chunks, summed in float32 (1: one plain GEMM).
+def chunked_weight_grad(
+    left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, chunks: int, scale: float = 1.0
+) -> torch.Tensor:
+    """scale * left^T @ right as a batched matmul over ``chunks`` token chunks, summed in float32 (1: one GEMM).
 
     Args:
         left: (N, p); right: (N, q)
@@ -87,17 +111,26 @@ def chunked_weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dt
     """
     n = left.shape[0]
     if chunks <= 1 or n % chunks or n < 64 * chunks or not (left.is_contiguous() and right.is_contiguous()):
-        return (left.t() @ right).to(dtype)
+        grad = scaled_mm(left.t(), right, scale)
+        return grad if grad.dtype == dtype else grad.to(dtype)
     left3 = left.view(chunks, n // chunks, left.shape[1])  # (C, N/C, p)
     right3 = right.view(chunks, n // chunks, right.shape[1])  # (C, N/C, q)
-    return torch.bmm(left3.transpose(1, 2), right3).sum(0, dtype=torch.float32).to(dtype)  # (C, p, q) -> (p, q)
+    # (C, p, N/C) @ (C, N/C, q) -> (C, p, q), scaled in the accumulator, then summed over chunks in float32
+    grad = torch.baddbmm(_ignored(left), left3.transpose(1, 2), right3, beta=0, alpha=scale).sum(0, dtype=torch.float32)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def _lora_plus_base(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hs: torch.Tensor, b: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
 ) -> torch.Tensor:
-    """hs B^T (+ bias), then x W^T accumulated onto it by the base GEMM (beta = 1). hs: (N, r), b: (out, r)."""
-    out = torch.addmm(bias, hs, b.t()) if bias is not None else hs @ b.t()  # (N, r) @ (r, out) -> (N, out)
+    """s * h B^T (+ bias), then x W^T accumulated onto it by the base GEMM (beta = 1). h: (N, r), b: (out, r)."""
+    # (N, r) @ (r, out) -> (N, out), the scale in the GEMM's alpha
+    out = torch.addmm(bias, h, b.t(), alpha=scaling) if bias is not None else scaled_mm(h, b.t(), scaling)
     return out.addmm_(x, weight.t())  # + (N, in) @ (in, out)
 
 
@@ -116,8 +149,7 @@ def lora_linear_inference(
     Returns:
         (N, out) in x's dtype
     """
-    hs = (x @ lora_a.t()).mul_(scaling)  # (N, r)
-    return _lora_plus_base(x, weight, bias, hs, lora_b)
+    return _lora_plus_base(x, weight, bias, x @ lora_a.t(), lora_b, scaling)  # h = x A^T: (N, r)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -144,8 +176,8 @@ class FusedLoraLinear(torch.autograd.Function):
         xd = x
         if p > 0.0:
             xd, mask = torch.native_dropout(x, p, True)
-        hs = (xd @ a.t()).mul_(scaling)  # (N, r) = s * dropout(x) A^T
-        out = _lora_plus_base(x, weight, bias, hs, b)
+        h = xd @ a.t()  # (N, r) = dropout(x) A^T
+        out = _lora_plus_base(x, weight, bias, h, b, scaling)
         ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(
@@ -154,29 +186,31 @@ class FusedLoraLinear(torch.autograd.Function):
             weight if need_dx else None,
             a if need_dx else None,
             b if (need_dx or need_da) else None,
-            hs if need_db else None,
+            h if need_db else None,
         )
         return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        x, mask, weight, a, b, hs = ctx.saved_tensors
+        x, mask, weight, a, b, h = ctx.saved_tensors
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
         dy = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, out)
         s, p = ctx.scaling, ctx.p
-        gs = (dy @ b).mul_(s) if (need_dx or need_da) else None  # (N, r) = s * dY B
+        keep = 1.0 / (1.0 - p)  # dropout's rescaling of the kept entries
+        g = dy @ b if (need_dx or need_da) else None  # (N, r) = dY B
         dx = dw = dbias = da = db = None
         if need_dx:
-            dx = gs @ a  # (N, r) @ (r, in) -> (N, in)
-            if mask is not None:
-                dx.mul_(mask).mul_(1.0 / (1.0 - p))
+            if mask is None:
+                dx = scaled_mm(g, a, s)  # (N, r) @ (r, in) -> (N, in), times s
+            else:
+                dx = scaled_mm(g, a, s * keep).mul_(mask)
             dx.addmm_(dy, weight)  # + dY W: the base backward GEMM accumulates onto the LoRA part
             dx = dx.view(ctx.shape)
         if need_da:
-            xd = x if mask is None else x.mul(mask).mul_(1.0 / (1.0 - p))
-            da = weight_grad(gs, xd, ctx.dtypes[0])  # (r, N) @ (N, in) -> (r, in)
+            xd, scale = (x, s) if mask is None else (x * mask, s * keep)
+            da = weight_grad(g, xd, ctx.dtypes[0], scale)  # (r, N) @ (N, in) -> (r, in)
         if need_db:
-            db = weight_grad(dy, hs, ctx.dtypes[1])  # (out, N) @ (N, r) -> (out, r)
+            db = weight_grad(dy, h, ctx.dtypes[1], s)  # (out, N) @ (N, r) -> (out, r)
         if need_dw:
             dw = weight_grad(dy, x, x.dtype)  # (out, in)
         if need_dbias:
