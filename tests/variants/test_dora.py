@@ -37,6 +37,17 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, lorakit.layers.LoraLayer)]
 
 
+def _record_linear_nodes(model) -> dict[str, str]:
+    """{layer name: its output's autograd node type}, filled as the model runs, for LoRA layers on nn.Linear."""
+    nodes: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, lorakit.layers.LoraLayer) and type(module.get_base_layer()) is nn.Linear:
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: nodes.__setitem__(name, type(out.grad_fn).__name__)
+            )
+    return nodes
+
+
 # ---------------------------------------------------------------------- parity with peft
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_forward_and_gradients_match_peft(case):
@@ -45,9 +56,12 @@ def test_forward_and_gradients_match_peft(case):
     kind = LAYER_CASES[case][0]
     ours.train()
     ref.train()
+    nodes = _record_linear_nodes(ours)
     out_ours = output_tensor(ours(**inputs(kind)))
     out_ref = output_tensor(ref(**inputs(kind)))
     torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=1e-5)
+    if case in ("linear", "llama"):  # plain nn.Linear layers take the fused DoRA node (kernels/dora_linear.py)
+        assert nodes and set(nodes.values()) == {"FusedDoraLinearBackward"}, nodes
     scalar_loss(out_ours).backward()
     scalar_loss(out_ref).backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}

@@ -44,13 +44,16 @@ def _plain_factors(layer: Linear, name: str) -> tuple[nn.Linear, nn.Linear] | No
 
 
 def _single_plain_adapter(layer: Linear) -> tuple[str, AdapterRecord, nn.Linear, nn.Linear] | None:
-    """The one active adapter when it is plain LoRA (no variant, no lora_bias) with plain factors, else None."""
+    """The one active adapter when it is plain LoRA or a variant with its own fused node (``fused_linear``, e.g.
+    DoRA), without lora_bias and with plain factors; else None."""
     active = layer._active_adapters
     if len(active) != 1:
         return None
     name = active[0]
     record = layer.adapters.get(name)
-    if record is None or record.variant is not None or record.lora_bias:
+    if record is None or record.lora_bias:
+        return None
+    if record.variant is not None and getattr(record.variant, "fused_linear", None) is None:
         return None
     factors = _plain_factors(layer, name)
     return None if factors is None else (name, record, *factors)
@@ -89,6 +92,8 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
+    if record.variant is not None:  # the variant's own node decides (None: its reference path)
+        return record.variant.fused_linear(layer, name, x, weight, bias, lora_a, lora_b, p)
     graph = p > 0.0 or (
         torch.is_grad_enabled()
         and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)

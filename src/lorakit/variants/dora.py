@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..kernels.dora_linear import accumulation_dtype, fused_dora_linear, weight_sq
 from . import register_variant
 from .dora_autograd import DoraLinearFunction, DoraScaleFunction
 from .dora_norm import weight_norm, weight_norm_reference
@@ -27,6 +28,8 @@ from .dora_norm import weight_norm, weight_norm_reference
 if TYPE_CHECKING:
     from ..config import LoraConfig
     from ..layers.base import LoraLayer
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float32, torch.float64)  # activations the fused Linear node takes
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -147,6 +150,41 @@ class DoraVariant:
         factor = self._magnitude(layer, adapter_name, weight.device) / norm
         delta2d = self._delta_2d(layer, adapter_name, weight.device)
         return layer._weight_from_2d(layer._weight_to_2d(weight) / factor[:, None] - delta2d).contiguous()
+
+    # ------------------------------------------------------------------ fused node (kernels/dora_linear.py)
+    def fused_linear(
+        self,
+        layer: LoraLayer,
+        name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        p: float,
+    ) -> torch.Tensor | None:
+        """The whole DoRA Linear (base included) through ``kernels.dora_linear``, or None for the reference path.
+
+        Called by ``kernels.linear_dispatch.fused_forward`` once it has checked the common conditions (one active
+        adapter, plain nn.Linear base and factors, matching dtype and device, no autocast, hooks or routing).
+        Covers no dropout (p == 0: none, or eval mode), a frozen weight, a plain magnitude of shape (out,) and
+        bfloat16/float32/float64 activations (float16's range is too small for k W with a tiny k).
+
+        Args:
+            x: (..., in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r)
+        Returns:
+            (..., out) in x's dtype, or None
+        """
+        if p != 0.0 or x.dtype not in _FUSED_DTYPES or (weight.requires_grad and torch.is_grad_enabled()):
+            return None
+        holder = layer.__dict__["_modules"]["lora_magnitude_vector"]._modules.get(name)
+        if type(holder) is not MagnitudeVector or holder._forward_hooks or holder._forward_pre_hooks:
+            return None
+        magnitude = holder.__dict__["_parameters"]["weight"]
+        if magnitude.device != x.device or magnitude.dim() != 1:
+            return None
+        wsq = weight_sq(layer, weight, accumulation_dtype(x.dtype))
+        return fused_dora_linear(x, weight, bias, lora_a, lora_b, magnitude, layer.adapters[name].scaling, wsq)
 
     @staticmethod
     def _magnitude(layer: LoraLayer, name: str, device: torch.device) -> torch.Tensor:
