@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .kernels.mixed_dispatch import fast_mixed_forward, planned_for
+from .kernels.mixed_dispatch import fast_mixed_forward, planned_fast_lane, planned_for
 from .routing import BASE_ADAPTER, BatchRouting
 
 if TYPE_CHECKING:
@@ -45,7 +45,11 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting, *arg
     """Entry point: the vectorised path of ``lorakit.kernels`` where it applies (same semantics, no loop over
     adapters), else ``reference_mixed_forward``. Shapes as there."""
     routing = routing.for_batch(x.shape[0])
-    if not planned_for(layer, routing):  # decode steps of one generate() re-use the checked plan
+    if not args and not kwargs:
+        fast = planned_fast_lane(layer, x, routing)  # decode steps of one generate(): the plan is already checked
+        if fast is not None:
+            return fast
+    if not planned_for(layer, routing):
         check_mixed_supported(layer, routing)
     fast = fast_mixed_forward(layer, x, routing, args, kwargs)
     return fast if fast is not None else reference_mixed_forward(layer, x, routing, *args, **kwargs)

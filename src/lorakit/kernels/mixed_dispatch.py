@@ -47,6 +47,10 @@ class MixedPlan:
     slots: torch.Tensor  # (rows,) long
     a_rows: torch.Tensor | None = None  # (rows, R, in), gathered on first use when small enough
     b_rows: torch.Tensor | None = None  # (rows, out, R)
+    # set after the first call passed every check: (weight, bias) of a base fused into the epilogue, or None for a
+    # base run as a module; later calls of the same routing (decode steps) go straight to ``run_planned``
+    fused_base: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    checked: bool = False
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's factors; kept for the routing's lifetime (decode steps) below GATHER_CACHE_ELEMENTS."""
@@ -127,15 +131,35 @@ def fast_mixed_forward(
     plan = _plan(layer, x, routing)
     if plan is None:
         return None
-    rows, in_features = x.shape[0], x.shape[-1]
-    x3 = x.reshape(rows, -1, in_features)  # (rows, L, in)
     base = modules["base_layer"]
     params = base.__dict__["_parameters"]
     fuse_base = plain_linear(base) and not layer.fan_in_fan_out and params["weight"].dtype == x.dtype
-    z = _adapter_part(plan, x3, params["bias"] if fuse_base else None)  # (rows, L, out)
+    plan.fused_base = (params["weight"], params["bias"]) if fuse_base else None
+    plan.checked = True
+    return run_planned(plan, base, x)
+
+
+def planned_fast_lane(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> torch.Tensor | None:
+    """The output from the layer's cached plan when this routing already passed every check on it (decode steps
+    of one ``generate``, without gradients), else None. Skips the per-call checks: a routing lives for one model
+    call or one ``generate``, during which hooks, merges and adapter weights do not change."""
+    plan = layer.__dict__.get("_lorakit_mixed")
+    if plan is None or plan.routing is not routing or not plan.checked or torch.is_grad_enabled():
+        return None
+    if x.dtype != plan.dtype or x.device != plan.device:
+        return None
+    return run_planned(plan, layer.__dict__["_modules"]["base_layer"], x)
+
+
+def run_planned(plan: MixedPlan, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Base output plus each row's adapter term from a checked plan. x: (rows, ..., in) -> (rows, ..., out)."""
+    rows, in_features = x.shape[0], x.shape[-1]
+    x3 = x.reshape(rows, -1, in_features)  # (rows, L, in)
+    fused = plan.fused_base
+    z = _adapter_part(plan, x3, fused[1] if fused is not None else None)  # (rows, L, out)
     out_features = z.shape[-1]
-    if fuse_base:
-        z.view(-1, out_features).addmm_(x3.reshape(-1, in_features), params["weight"].t())  # + x W^T in the epilogue
+    if fused is not None:
+        z.view(-1, out_features).addmm_(x3.reshape(-1, in_features), fused[0].t())  # + x W^T in the epilogue
         return z.view(*x.shape[:-1], out_features)
     result = base(x)
     return result + z.view(*x.shape[:-1], out_features).to(result.dtype)
