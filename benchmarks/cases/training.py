@@ -3,6 +3,10 @@ each library on the same base model, adapter weights and tokens; median time and
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 
 from .common import (
@@ -11,6 +15,7 @@ from .common import (
     host_issue_ms,
     peak_gib,
     reset_peak,
+    synchronize,
     time_ms,
     unwrap,
     wrap_lorakit,
@@ -35,6 +40,11 @@ def _floor(base, ids: torch.Tensor, profile: dict, device: torch.device) -> tupl
     reset_peak(device)
     ms = time_ms(step, device, profile["steps"], profile["warmup"])
     peak = peak_gib(device)
+    if profile.get("trace"):
+        profile["log"](
+            "floor phases: "
+            + _phases(lambda: base(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss, device)
+        )
     profile.setdefault("host_ms", {})["floor"] = host_issue_ms(step, device, profile["steps"])
     return ms, peak
 
@@ -84,11 +94,32 @@ def _trace(model, ids: torch.Tensor, log) -> None:
     log(f"device kernels in one fwd + bwd: {len(kernels)}, summed kernel time {busy:.1f} ms")
 
 
+def _phases(forward: Callable[[], torch.Tensor], device: torch.device, steps: int = 5) -> str:
+    """Median forward host issue time, forward wall time and backward wall time (ms): forward host ~ forward wall
+    means the forward waits for Python (host-bound); well below, the device is the limit."""
+    host, fwd, bwd = [], [], []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = forward()
+        issued = time.perf_counter()
+        synchronize(device)
+        done = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        host.append(issued - start)
+        fwd.append(done - start)
+        bwd.append(time.perf_counter() - done)
+    med = [statistics.median(v) * 1e3 for v in (host, fwd, bwd)]
+    return "forward host {:.1f} ms, forward wall {:.1f} ms, backward wall {:.1f} ms".format(*med)
+
+
 def _mem(gib: float | None, floor: float | None) -> str:
     return "" if gib is None else f"{gib:.1f} GiB ({gib / floor:.2f}x floor)" if floor else f"{gib:.1f} GiB"
 
 
 def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], object]:
+    profile["log"] = log
     ids = _tokens(profile, device)
     floor_ms, floor_gib = _floor(base, ids, profile, device)
     log(f"floor: {floor_ms:.1f} ms, peak {floor_gib}")
@@ -102,6 +133,7 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
         lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device, f"lorakit p={dropout}")
         if profile.get("trace") and dropout == 0.0:
             _trace(lk_model, ids, log)
+            log("lorakit phases: " + _phases(lambda m=lk_model: m(input_ids=ids, labels=ids).loss, device))
         base = unwrap(lk_model)
         log(f"dropout {dropout}: peft {peft_ms:.1f} ms / lorakit {lk_ms:.1f} ms; losses {peft_loss:.5f} {lk_loss:.5f}")
         case = "LoRA step (AdamW)" + (f", dropout {dropout}" if dropout else "")
