@@ -89,6 +89,7 @@ def _trace(model, ids: torch.Tensor, log) -> None:
         except (AttributeError, KeyError, ValueError):
             continue
     log("trace of one lorakit step (fwd + bwd):\n" + table)
+    log("by host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=15))
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total for e in kernels) / 1e3
     log(f"device kernels in one fwd + bwd: {len(kernels)}, summed kernel time {busy:.1f} ms")
@@ -131,7 +132,7 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
         base = unwrap(peft_model)
         lk_model = wrap_lorakit(base, state, 1, dropout)
         lk_ms, lk_gib, lk_loss = _lora_step(lk_model, ids, profile, device, f"lorakit p={dropout}")
-        if profile.get("trace") and dropout == 0.0:
+        if profile.get("trace"):
             _trace(lk_model, ids, log)
             log("lorakit phases: " + _phases(lambda m=lk_model: m(input_ids=ids, labels=ids).loss, device))
         base = unwrap(lk_model)
