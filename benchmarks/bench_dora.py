@@ -14,7 +14,8 @@ saved_tensors_hooks, on any device), and the step-0 loss.
     python benchmarks/bench_dora.py --layer --dim 1024 --tokens 2048   # one Linear, cases interleaved round by round
 
 ``--layer`` times forward + backward of a single d x d Linear (no optimizer) with the cases run in alternation, so
-that load from other processes hits all of them alike (use it on a busy machine).
+that load from other processes hits all of them alike (use it on a busy machine), and counts the aten ops each case
+dispatches per step (a TorchDispatchMode counter; on a GPU each op costs host time).
 """
 
 from __future__ import annotations
@@ -266,12 +267,30 @@ def bench_layer(args: argparse.Namespace) -> None:
             sync(device)
             if round_ >= args.warmup:
                 times[case].append((time.perf_counter() - start) * 1e3)
+    ops = {case: count_ops(lambda model=model: step(model)) for case, model in models.items()}
     print(f"layer d={args.dim} r={args.rank} T={args.tokens} dtype={dtype} device={device} torch={torch.__version__}")
-    print("| case | ms (median) | min | x floor (min) |")
-    print("| --- | --- | --- | --- |")
+    print("| case | ms (median) | min | x floor (min) | aten ops fwd+bwd |")
+    print("| --- | --- | --- | --- | --- |")
     floor = min(times["floor"])
     for case, values in times.items():
-        print(f"| {case} | {statistics.median(values):.2f} | {min(values):.2f} | {min(values) / floor:.2f}x |")
+        line = f"| {case} | {statistics.median(values):.2f} | {min(values):.2f} | {min(values) / floor:.2f}x"
+        print(f"{line} | {ops[case]} |")
+
+
+def count_ops(fn: Callable[[], None]) -> int:
+    """Aten ops dispatched by one (warm) call of ``fn``: each one costs host time on a GPU step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.calls
 
 
 def main() -> None:
