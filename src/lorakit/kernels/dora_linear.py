@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .dora_triton import use_triton
 from .lora_linear import weight_grad
 
 _K_FLOOR = 1e-12  # |k| floor: y / k must give z back for the magnitude's gradient (as variants/dora_autograd.py)
@@ -71,6 +72,7 @@ def dora_factors(
     scaling: float,
     dtype: torch.dtype,
     with_inverse: bool = False,
+    triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """k = m / ||W + s B A|| per output row (|k| >= 1e-12) and the factors the GEMMs use. No autograd.
 
@@ -78,8 +80,11 @@ def dora_factors(
         weight: (out, in) in ``dtype``; wsq: (out,) ||W_o||^2 in the accumulation dtype
         lora_a: (r, in); lora_b: (out, r); magnitude: (out,) (any float dtypes)
     Returns:
-        k (out, 1) and s k (out, 1) in the accumulation dtype, 1 / (k n) (out,) (None unless ``with_inverse``),
-        A^T (in, r) and B' = s k B (out, r) in ``dtype``
+        k (out, 1) and s k (out, 1) in the accumulation dtype, 1 / (k n) (out,) (None unless ``with_inverse``;
+        (out, 1), always, with ``triton``), A^T (in, r) and B' = s k B (out, r) in ``dtype``
+
+    With ``triton`` (CUDA, float32 accumulation) everything after the two small GEMMs is one Triton launch
+    (``dora_triton.triton_factors``), the same float32 math.
 
     |k| is kept >= ~1e-12 by adding 1e-12 (one op; k moves by 1e-12, invisible next to any k above ~3e-5 in float32,
     and the output by at most 1e-12 |z|, the bound of the reference's floor), so y / k is z. The square root is not
@@ -87,10 +92,15 @@ def dora_factors(
     """
     acc = wsq.dtype
     a32 = lora_a if lora_a.dtype == acc else lora_a.to(acc)
-    b32 = lora_b if lora_b.dtype == acc else lora_b.to(acc)
     at32 = a32.t()  # (in, r)
     at = at32 if dtype == acc else at32.to(dtype)
     wa = weight @ at  # (out, in) @ (in, r) -> (out, r): one read of W, float32 accumulation
+    if triton:
+        from .dora_triton import triton_factors
+
+        k_col, ks_col, inv_col, kb = triton_factors(wa, lora_b, a32 @ at32, wsq, magnitude, scaling, _K_FLOOR, dtype)
+        return k_col, ks_col, inv_col, at, kb
+    b32 = lora_b if lora_b.dtype == acc else lora_b.to(acc)
     if wa.dtype != acc:
         wa = wa.to(acc)
     t = torch.addmm(wa, b32, a32 @ at32, alpha=0.5 * scaling)  # W A^T + (s/2) B (A A^T): (out, r)
@@ -142,7 +152,8 @@ def dora_linear_inference(
     """The fused forward without autograd bookkeeping. Shapes as ``fused_dora_linear``."""
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    k_col, _, _, at, kb = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype)
+    triton = use_triton(x) and wsq.dtype == torch.float32
+    k_col, _, _, at, kb = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
     out, _ = _forward_2d(x2, weight, bias, at, kb, k_col)
     return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
@@ -166,12 +177,13 @@ class FusedDoraLinear(torch.autograd.Function):
         shape = x.shape
         if x.dim() != 2:  # flattened here, not by the caller: no view nodes in the graph
             x = x.reshape(-1, shape[-1])
+        triton = use_triton(x) and wsq.dtype == torch.float32
         k_col, ks_col, inv, at, kb = dora_factors(
-            weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm
+            weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton
         )
         out, hs = _forward_2d(x, weight, bias, at, kb, k_col)
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_dtype, ctx.triton = (None if bias is None else bias.dtype), triton
         ctx.save_for_backward(
             x if need_da else None,
             weight if need_dx else None,
@@ -182,7 +194,7 @@ class FusedDoraLinear(torch.autograd.Function):
             out if need_dm else None,
             k_col if need_dx else None,
             ks_col if need_db else None,
-            inv,
+            inv if need_dm else None,
         )
         return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
@@ -204,6 +216,14 @@ class FusedDoraLinear(torch.autograd.Function):
         if need_db:
             db = weight_grad(g, hs, acc).mul_(ks_col)  # (out, N) @ (N, r) -> (out, r), times s k
             db = db if db.dtype == b_dtype else db.to(b_dtype)
+        if need_dm and ctx.triton:  # one read of g and y (dora_triton.triton_magnitude_grad)
+            from .dora_triton import triton_magnitude_grad
+
+            dm, dbias = triton_magnitude_grad(g, y, bias, inv, need_dbias)
+            dm = dm if dm.shape == m_shape else dm.view(m_shape)
+            dm = dm if dm.dtype == m_dtype else dm.to(m_dtype)
+            dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
+            return dx, None, dbias, da, db, dm, None, None
         gsum = g.sum(0, dtype=acc) if (need_dbias or (need_dm and bias is not None)) else None
         if need_dm:
             total = (g * y).sum(0, dtype=acc)  # sum_N g y = k sum_N g z + b sum_N g
