@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import factor_casts
+
 
 def reference_lora_linear(
     x: torch.Tensor,
@@ -165,13 +167,16 @@ class FusedLoraLinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
         p: float,
+        a_cast: torch.Tensor | None = None,
+        b_cast: torch.Tensor | None = None,
     ) -> torch.Tensor:
         need_dx, need_dw, _, need_da, need_db = ctx.needs_input_grad[:5]
         shape = x.shape
         if x.dim() != 2:  # flattened here, not by the caller: no view nodes in the graph (host time per layer)
             x = x.reshape(-1, shape[-1])
-        a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)  # (r, in)
-        b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)  # (out, r)
+        # the factors in x's dtype: given (cast for the whole model call at once, ``factor_casts``) or cast here
+        a = a_cast if a_cast is not None else lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)  # (r, in)
+        b = b_cast if b_cast is not None else lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)  # (out, r)
         mask = None
         xd = x
         if p > 0.0:
@@ -215,7 +220,7 @@ class FusedLoraLinear(torch.autograd.Function):
             dw = weight_grad(dy, x, x.dtype)  # (out, in)
         if need_dbias:
             dbias = dy.sum(0)
-        return dx, dw, dbias, da, db, None, None
+        return dx, dw, dbias, da, db, None, None, None, None
 
 
 def fused_lora_linear(
@@ -257,6 +262,10 @@ def fused_call(
     """``fused_lora_linear`` once the caller has decided: ``graph`` -> the autograd node (dropout or gradients),
     else the plain inference ops with factors already in x's dtype. Shapes as there."""
     if graph:  # the node flattens (..., in) itself
+        batch = factor_casts.current()
+        if batch is not None and lora_a.dtype != x.dtype and lora_b.dtype != x.dtype:
+            a_cast, b_cast = batch.cast(lora_a, x.dtype), batch.cast(lora_b, x.dtype)
+            return FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, a_cast, b_cast)
         return FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p)
     if x.dim() == 2:
         return lora_linear_inference(x, weight, bias, lora_a, lora_b, scaling)

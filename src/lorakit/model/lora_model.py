@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
+from ..kernels.factor_casts import model_call
 from ..layers import LoraLayer
 from ..layers.base import finite_as_stored
 from ..routing import BASE_ADAPTER
@@ -87,7 +88,8 @@ class LoraModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        with model_call(self):  # fused layers cast their float32 factors for this call in one batch
+            return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ iteration helpers
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
