@@ -54,7 +54,7 @@ class FactorCasts:
         params = [p for p in params if p.dtype == src_dtype]  # one source dtype per multi-tensor copy
         with torch.no_grad():
             casts = [torch.empty(p.shape, dtype=dtype, device=device) for p in params]
-            torch._foreach_copy_(casts, [p.detach() for p in params])
+            torch._foreach_copy_(casts, params)  # no_grad: nothing recorded, no detached views needed
         return {id(p): (p, c) for p, c in zip(params, casts)}
 
     def cast(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
