@@ -5,13 +5,16 @@
 
 Every run starts from a fresh copy of the same randomly initialised model. Timed: ``get_peft_model`` (plus
 ``preprocess_corda`` on the calibration batches for CorDA; ``get_peft_model(low_cpu_mem_usage=True)`` plus
-``initialize_lora_eva_weights`` for EVA). Before a method is timed, each library runs it ``--warmup`` times untimed
-(first calls of a solver load kernels and grow the allocator; before any of that, every method runs once untimed on
-a one-layer model); then the libraries alternate and the best of
-``--repeats`` is reported. ``--budget-s`` caps the seconds spent per method (later repeats are skipped), and every
-run's time is printed (flushed) as it completes, so a run killed by a time limit keeps what it measured:
+``initialize_lora_eva_weights`` for EVA). First, every method of both libraries runs once untimed on a one-layer
+model (lazy imports, solver handles); then each library runs a method ``--warmup`` times untimed (first calls on the
+real shapes grow the allocator); then the libraries alternate and the best of ``--repeats`` is reported.
+``--budget-s`` caps the seconds spent per method (its later warm-ups and repeats are skipped; the first timed round
+always runs), and every run's time is printed (flushed) as it completes, so a run killed by a time limit keeps what
+it measured. One timed round of all five methods on an H200 takes about 7 minutes, most of it peft's EVA (~200 s):
 
-    python benchmarks/bench_init.py --profile gpu --device cuda --warmup 0 --repeats 2 --budget-s 30
+    python benchmarks/bench_init.py --profile gpu --device cuda --warmup 0 --repeats 2 --budget-s 20 \
+        --methods olora pissa_niter_4 pissa corda eva --json gpu_init.json
+
 EVA runs until the components converge, which on a randomly initialised model takes many batches; the profiles use
 a lower tau than EvaConfig's 0.99 (``--eva-tau`` overrides it) so a run stays short. Both libraries do the same steps.
 """
