@@ -8,12 +8,15 @@ reference, and ``tests/kernels/test_dora_triton.py`` compares the two on random 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .switch import triton_available
 
-ENABLED = True
-"""Module switch (tests and benchmarks turn the Triton steps off to compare with the torch path)."""
+ENABLED = os.environ.get("LORAKIT_DORA_TRITON", "1") != "0"
+"""Module switch: ``LORAKIT_DORA_TRITON=0`` in the environment (or setting this to False) runs the torch path on CUDA
+too, e.g. to compare the two in a benchmark."""
 
 
 def _kernels():
