@@ -58,7 +58,9 @@ class DoraVariant:
 
     The norm is recomputed each forward from W and the small factors (``dora_norm.weight_norm``: one read of W, no
     identity product, nothing saved for backward); the output goes through a custom autograd function that keeps a
-    single activation per layer (``dora_autograd``).
+    single activation per layer (``dora_autograd``). On a plain nn.Linear without active dropout the whole layer
+    runs as one fused node instead (``fused_linear`` -> ``kernels/dora_linear.py``); this class's ``forward`` is the
+    reference it is tested against.
     """
 
     name = "dora"
