@@ -192,3 +192,17 @@ def test_float16_takes_the_reference_path():
     model = _model(dtype=torch.float16)
     out = model(torch.randn(3, 24).to(torch.float16))
     assert type(out.grad_fn).__name__ != FUSED
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    model = _model()
+    x = torch.randn(2, 6, 24, requires_grad=True)
+    plain = _run(model, x, reference=False)[2]
+    model.zero_grad(set_to_none=True)
+    out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=use_reentrant)
+    weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    ((out * weights).sum() + out.pow(2).mean()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-6, msg=name)
