@@ -180,19 +180,23 @@ def test_olora_dequantises_and_requantises_like_peft(llama64_dir, bits):
     ours = lorakit.get_peft_model(load_quantised(llama64_dir, bits), lorakit.LoraConfig(**config))
     ref = peft.get_peft_model(load_quantised(llama64_dir, bits), peft.LoraConfig(**config))
     saved_ours, saved_ref = lora_state(ours), lora_state(ref)
-    assert all(torch.equal(saved_ours[k], saved_ref[k]) for k in saved_ref)
+    for key in saved_ref:  # lorakit's thin QR of W's first r columns vs peft's full QR: equal up to rounding
+        torch.testing.assert_close(saved_ours[key], saved_ref[key], atol=1e-5, rtol=1e-5)
     ids = token_ids()
     ours.train()
     ref.train()  # no CPU repacking of 4-bit weights, which peft's dequantisation would misread
     with torch.no_grad():  # a forward also replaces peft's stale 8-bit row scales (state.SCB) with the new weight's
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        ours_logits, ref_logits = ours(ids).logits, ref(ids).logits
     ref_layers = _lora_layers(ref)
     from peft.utils.integrations import dequantize_bnb_weight
 
     for name, layer in _lora_layers(ours).items():
         base = ref_layers[name].get_base_layer()
         expected = dequantize_bnb_weight(base.weight, getattr(base, "state", None)).float()
-        torch.testing.assert_close(layer.base_weight_2d(), expected, atol=0, rtol=0)
+        # the residual W - s B A is re-quantised from factors equal up to rounding: the same codes, block scales
+        # (absmax) equal up to rounding
+        torch.testing.assert_close(layer.base_weight_2d(), expected, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(ours_logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_pissa_on_a_quantised_base_is_refused(llama64_dir):
