@@ -25,10 +25,14 @@ def factors_kernel(
     tile = offs_o[:, None] * RANK + offs_r[None, :]
     b = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_O, RP)
     wa = tl.load(wa_ptr + tile, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_O, RP)
-    gram = tl.load(
-        gram_ptr + offs_r[:, None] * RANK + offs_r[None, :], mask=mask_r[:, None] & mask_r[None, :], other=0.0
-    )  # (RP, RP)
-    bg = tl.sum(b[:, :, None] * gram[None, :, :], axis=1)  # (BLOCK_O, RP): B G
+    # B G (BLOCK_O, RP) as RP rank-1 updates in plain float32 FMAs: written as sum(b[:, :, None] * gram[None], 1)
+    # the compiler turns it into a TF32 dot on GPUs (k off by ~3e-4)
+    bg = tl.zeros((BLOCK_O, RP), dtype=tl.float32)
+    for i in tl.static_range(RP):
+        in_rank = (offs_o * 0 + i) < RANK  # (BLOCK_O,): i is a real rank index (not padding)
+        b_i = tl.load(b_ptr + offs_o * RANK + i, mask=mask_o & in_rank, other=0.0).to(tl.float32)  # (BLOCK_O,)
+        g_i = tl.load(gram_ptr + i * RANK + offs_r, mask=mask_r & (offs_r * 0 + i < RANK), other=0.0)  # G's row i
+        bg += b_i[:, None] * g_i[None, :]
     t = wa + (0.5 * scaling) * bg
     n2 = tl.load(wsq_ptr + offs_o, mask=mask_o, other=1.0) + (2.0 * scaling) * tl.sum(b * t, axis=1)
     rn = 1.0 / tl.sqrt(n2)
