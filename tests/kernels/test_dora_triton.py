@@ -94,5 +94,9 @@ def test_fused_node_with_triton_matches_the_torch_path_on_cuda(bias, monkeypatch
         results.append((y, torch.autograd.grad(y, leaves, cot.to(y.dtype))))
     (y1, g1), (y2, g2) = results
     torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(dora_triton, "ENABLED", True)
+    with torch.no_grad():  # the inference path takes the Triton factors too
+        inferred = fused_dora_linear(x, weight, b, lora_a, lora_b, magnitude, 0.5)
+    torch.testing.assert_close(inferred, y1.detach())
     for a, c in zip(g1, g2, strict=True):
         assert ((a.float() - c.float()).norm() / c.float().norm()).item() < 1e-2

@@ -20,6 +20,10 @@ without dropout (or in eval mode) and differs only in where the work happens, as
       db = sum_N(g)                        (only when the bias is trainable)
 
   Saved: x, hs, the cast A, B', y (the output itself: the next layer usually keeps it anyway) and (out,) vectors.
+  (So an in-place op on the output, e.g. ReLU(inplace=True), makes backward raise autograd's in-place error, as the
+  reference path's ``DoraLinearFunction`` did.)
+* on CUDA with Triton (``dora_triton``), the small steps run as two kernels: the norm's tail and the factors in one
+  launch, and dm in one read of g and y; ``LORAKIT_DORA_TRITON=0`` keeps the torch ops.
 
 Shapes: x (N, in) (the node flattens (..., in) itself), W (out, in), b (out,), A (r, in), B (out, r), m (out,).
 """
