@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import factor_casts
 from .dora_triton import use_triton
 from .lora_linear import weight_grad
 
@@ -97,7 +98,13 @@ def dora_factors(
     acc = wsq.dtype
     a32 = lora_a if lora_a.dtype == acc else lora_a.to(acc)
     at32 = a32.t()  # (in, r)
-    at = at32 if dtype == acc else at32.to(dtype)
+    batch = factor_casts.current()  # inside a model call: A was cast with every other factor in one copy
+    if dtype == acc:
+        at = at32
+    elif batch is not None and lora_a.dtype == acc:
+        at = batch.cast(lora_a, dtype).t()
+    else:
+        at = at32.to(dtype)
     wa = weight @ at  # (out, in) @ (in, r) -> (out, r): one read of W, float32 accumulation
     if triton:
         from .dora_triton import triton_factors
