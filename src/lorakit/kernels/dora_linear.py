@@ -23,7 +23,8 @@ without dropout (or in eval mode) and differs only in where the work happens, as
   (So an in-place op on the output, e.g. ReLU(inplace=True), makes backward raise autograd's in-place error, as the
   reference path's ``DoraLinearFunction`` did.)
 * on CUDA with Triton (``dora_triton``), the small steps run as two kernels: the norm's tail and the factors in one
-  launch, and dm in one read of g and y; ``LORAKIT_DORA_TRITON=0`` keeps the torch ops.
+  launch, and dm in one read of g and y; opt-in (``LORAKIT_DORA_TRITON=1``): the torch ops measured faster on a
+  host-bound step.
 
 Shapes: x (N, in) (the node flattens (..., in) itself), W (out, in), b (out,), A (r, in), B (out, r), m (out,).
 """
