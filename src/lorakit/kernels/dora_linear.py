@@ -32,13 +32,13 @@ Shapes: x (N, in) (the node flattens (..., in) itself), W (out, in), b (out,), A
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from . import factor_casts
 from .dora_triton import use_triton
-from .lora_linear import weight_grad
+from .lora_linear import scaled_mm, weight_grad
 
 _K_FLOOR = 1e-12  # |k| floor: y / k must give z back for the magnitude's gradient (as variants/dora_autograd.py)
 
@@ -69,6 +69,42 @@ def weight_sq(owner: Any, weight: torch.Tensor, acc: torch.dtype) -> torch.Tenso
     return sq
 
 
+class DoraFactors(NamedTuple):
+    """What the GEMMs of one DoRA Linear call use (no autograd).
+
+    k_col: (out, 1) k = 1e-12 + m / ||W + s B A||, accumulation dtype; inv: 1 / (k n), (out,) or (out, 1), or None;
+    at: (in, r) A^T and kb: (out, r) B' in the activation dtype, with s k B = kb_scale * B' (B' = k B and
+    kb_scale = s on the torch path, B' = s k B and kb_scale = 1 from Triton): the GEMMs apply kb_scale as alpha.
+    """
+
+    k_col: torch.Tensor
+    inv: torch.Tensor | None
+    at: torch.Tensor
+    kb: torch.Tensor
+    kb_scale: float
+
+
+_FLOORS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _floor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor holding the |k| floor (an ``addcmul`` input: k = floor + m * (1 / n) in one launch)."""
+    key = (dtype, device)
+    floor = _FLOORS.get(key)
+    if floor is None:
+        floor = _FLOORS[key] = torch.full((), _K_FLOOR, dtype=dtype, device=device)
+    return floor
+
+
+def _projection(weight: torch.Tensor, at: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """W A^T (out, r) in ``acc``: one read of W, float32 accumulation; on CUDA the GEMM writes float32 itself."""
+    if weight.dtype == acc:
+        return weight @ at
+    if weight.is_cuda and acc == torch.float32:
+        return torch.mm(weight, at, out_dtype=acc)
+    return (weight @ at).to(acc)
+
+
 def dora_factors(
     weight: torch.Tensor,
     wsq: torch.Tensor,
@@ -79,21 +115,21 @@ def dora_factors(
     dtype: torch.dtype,
     with_inverse: bool = False,
     triton: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """k = m / ||W + s B A|| per output row (|k| >= 1e-12) and the factors the GEMMs use. No autograd.
+) -> DoraFactors:
+    """k = m / ||W + s B A|| per output row (|k| >= 1e-12) and the factors the GEMMs use (``DoraFactors``).
 
     Args:
         weight: (out, in) in ``dtype``; wsq: (out,) ||W_o||^2 in the accumulation dtype
         lora_a: (r, in); lora_b: (out, r); magnitude: (out,) (any float dtypes)
-    Returns:
-        k (out, 1) and s k (out, 1) in the accumulation dtype, 1 / (k n) (out,) (None unless ``with_inverse``;
-        (out, 1), always, with ``triton``), A^T (in, r) and B' = s k B (out, r) in ``dtype``
 
-    With ``triton`` (CUDA, float32 accumulation) everything after the two small GEMMs is one Triton launch
-    (``dora_triton.triton_factors``), the same float32 math.
+    Torch ops (the default): n^2 = ||W||^2 + 2 s <B_o, T_o> with T = W A^T + (s/2) B (A A^T), the row dots and the
+    add in one batched (1 x r) @ (r x 1) product per row; k = 1e-12 + m / n in one ``addcmul``; B' = k B written
+    straight in ``dtype`` (s rides in the GEMMs' alpha). Each of these small ops costs host time on a GPU step (a
+    hundred layers), so the count is kept low. With ``triton`` (opt-in, ``dora_triton``) everything after the two
+    small GEMMs is one Triton launch and B' = s k B.
 
-    |k| is kept >= ~1e-12 by adding 1e-12 (one op; k moves by 1e-12, invisible next to any k above ~3e-5 in float32,
-    and the output by at most 1e-12 |z|, the bound of the reference's floor), so y / k is z. The square root is not
+    |k| is kept >= ~1e-12 by adding 1e-12 (k moves by 1e-12, invisible next to any k above ~3e-5 in float32, and
+    the output by at most 1e-12 |z|, the bound of the reference's floor), so y / k is z. The square root is not
     clamped: a negative n^2 only arises for a row of W + s B A that is 0 to rounding, whose k is meaningless anyway.
     """
     acc = wsq.dtype
@@ -106,23 +142,27 @@ def dora_factors(
         at = batch.cast(lora_a, dtype).t()
     else:
         at = at32.to(dtype)
-    wa = weight @ at  # (out, in) @ (in, r) -> (out, r): one read of W, float32 accumulation
+    wa = _projection(weight, at, acc)  # (out, in) @ (in, r) -> (out, r)
+    gram = a32 @ at32  # (r, r) A A^T
     if triton:
         from .dora_triton import triton_factors
 
-        k_col, ks_col, inv_col, kb = triton_factors(wa, lora_b, a32 @ at32, wsq, magnitude, scaling, _K_FLOOR, dtype)
-        return k_col, ks_col, inv_col, at, kb
+        k_col, _, inv_col, kb = triton_factors(wa, lora_b, gram, wsq, magnitude, scaling, _K_FLOOR, dtype)
+        return DoraFactors(k_col, inv_col, at, kb, 1.0)
     b32 = lora_b if lora_b.dtype == acc else lora_b.to(acc)
-    if wa.dtype != acc:
-        wa = wa.to(acc)
-    t = torch.addmm(wa, b32, a32 @ at32, alpha=0.5 * scaling)  # W A^T + (s/2) B (A A^T): (out, r)
-    rn = torch.add(wsq, torch.linalg.vecdot(b32, t), alpha=2.0 * scaling).rsqrt_()  # 1 / n: (out,)
-    k = torch.mul(magnitude, rn).add_(_K_FLOOR)  # (out,)
+    out_features = b32.shape[0]
+    t = torch.addmm(wa, b32, gram, alpha=0.5 * scaling)  # W A^T + (s/2) B (A A^T): (out, r)
+    # ||W_o||^2 + 2 s <B_o, T_o>: (out, 1, r) @ (out, r, 1) -> (out, 1, 1), added to ||W||^2 in the same launch
+    n2 = torch.baddbmm(wsq.view(out_features, 1, 1), b32.unsqueeze(1), t.unsqueeze(2), alpha=2.0 * scaling)
+    rn = n2.view(out_features).rsqrt_()  # 1 / n
+    k = torch.addcmul(_floor(acc, rn.device), magnitude, rn)  # 1e-12 + m / n: (out,)
     inv = rn.div_(k) if with_inverse else None  # 1 / (k n)
     k_col = k.unsqueeze(1)  # (out, 1)
-    ks_col = k_col * scaling
-    kb = b32 * ks_col  # (out, r): s k B
-    return k_col, ks_col, inv, at, kb if dtype == acc else kb.to(dtype)
+    if dtype == acc:
+        kb = b32 * k_col
+    else:  # float32 product, rounded once into the activation dtype
+        kb = torch.mul(b32, k_col, out=torch.empty(b32.shape, dtype=dtype, device=b32.device))
+    return DoraFactors(k_col, inv, at, kb, scaling)
 
 
 def scaled_weight(weight: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
@@ -137,18 +177,14 @@ def scaled_weight(weight: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    at: torch.Tensor,
-    kb: torch.Tensor,
-    k: torch.Tensor,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: DoraFactors
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, hs): y = hs B'^T (+ b), then the base GEMM with W' = k W accumulates onto it; hs = x A^T (N, r)."""
-    hs = x @ at  # (N, in) @ (in, r) -> (N, r)
-    kbt = kb.t()
-    out = torch.addmm(bias, hs, kbt) if bias is not None else hs @ kbt  # (N, r) @ (r, out) -> (N, out)
-    return out.addmm_(x, scaled_weight(weight, k).t()), hs  # + (N, in) @ (in, out)
+    """(y, hs): y = kb_scale * hs B'^T (+ b), then the base GEMM with W' = k W accumulates onto it; hs = x A^T."""
+    hs = x @ f.at  # (N, in) @ (in, r) -> (N, r)
+    kbt = f.kb.t()
+    # (N, r) @ (r, out) -> (N, out), the scale in the GEMM's alpha
+    out = torch.addmm(bias, hs, kbt, alpha=f.kb_scale) if bias is not None else scaled_mm(hs, kbt, f.kb_scale)
+    return out.addmm_(x, scaled_weight(weight, f.k_col).t()), hs  # + (N, in) @ (in, out)
 
 
 def dora_linear_inference(
@@ -165,8 +201,8 @@ def dora_linear_inference(
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     triton = use_triton(x) and wsq.dtype == torch.float32
-    k_col, _, _, at, kb = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
-    out, _ = _forward_2d(x2, weight, bias, at, kb, k_col)
+    factors = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
+    out, _ = _forward_2d(x2, weight, bias, factors)
     return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
 
@@ -190,43 +226,41 @@ class FusedDoraLinear(torch.autograd.Function):
         if x.dim() != 2:  # flattened here, not by the caller: no view nodes in the graph
             x = x.reshape(-1, shape[-1])
         triton = use_triton(x) and wsq.dtype == torch.float32
-        k_col, ks_col, inv, at, kb = dora_factors(
-            weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton
-        )
-        out, hs = _forward_2d(x, weight, bias, at, kb, k_col)
+        f = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton)
+        out, hs = _forward_2d(x, weight, bias, f)
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
         ctx.bias_dtype, ctx.triton = (None if bias is None else bias.dtype), triton
+        ctx.scaling, ctx.kb_scale = scaling, f.kb_scale
         ctx.save_for_backward(
             x if need_da else None,
             weight if need_dx else None,
             bias if need_dm else None,
-            at if need_dx else None,
-            kb if (need_dx or need_da) else None,
+            f.at if need_dx else None,
+            f.kb if (need_dx or need_da) else None,
             hs if need_db else None,
             out if need_dm else None,
-            k_col if need_dx else None,
-            ks_col if need_db else None,
-            inv if need_dm else None,
+            f.k_col if (need_dx or need_db) else None,
+            f.inv if need_dm else None,
         )
         return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        x, weight, bias, at, kb, hs, y, k_col, ks_col, inv = ctx.saved_tensors
+        x, weight, bias, at, kb, hs, y, k_col, inv = ctx.saved_tensors
         need_dx, _, need_dbias, need_da, need_db, need_dm = ctx.needs_input_grad[:6]
         a_dtype, b_dtype, m_dtype, m_shape = ctx.dtypes
         g = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, out)
         acc = accumulation_dtype(g.dtype)
         dx = dbias = da = db = dm = None
-        gks = g @ kb if (need_dx or need_da) else None  # (N, out) @ (out, r) -> (N, r): s (k g) B
+        gkb = g @ kb if (need_dx or need_da) else None  # (N, out) @ (out, r) -> (N, r): (k g) B, over kb_scale / s
         if need_dx:
-            dx = gks @ at.t()  # (N, r) @ (r, in) -> (N, in)
+            dx = scaled_mm(gkb, at.t(), ctx.kb_scale)  # (N, r) @ (r, in) -> (N, in): s (k g) B A
             dx.addmm_(g, scaled_weight(weight, k_col))  # + (k g) W: the base backward GEMM accumulates onto it
             dx = dx.view(ctx.shape)
         if need_da:
-            da = weight_grad(gks, x, a_dtype)  # (r, N) @ (N, in) -> (r, in)
+            da = weight_grad(gkb, x, a_dtype, ctx.kb_scale)  # (r, N) @ (N, in) -> (r, in)
         if need_db:
-            db = weight_grad(g, hs, acc).mul_(ks_col)  # (out, N) @ (N, r) -> (out, r), times s k
+            db = weight_grad(g, hs, acc, ctx.scaling).mul_(k_col)  # (out, N) @ (N, r) -> (out, r), times s k
             db = db if db.dtype == b_dtype else db.to(b_dtype)
         if need_dm and ctx.triton:  # one read of g and y (dora_triton.triton_magnitude_grad)
             from .dora_triton import triton_magnitude_grad
