@@ -96,11 +96,14 @@ def _floor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return floor
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8; CUDA only)
+
+
 def _projection(weight: torch.Tensor, at: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """W A^T (out, r) in ``acc``: one read of W, float32 accumulation; on CUDA the GEMM writes float32 itself."""
     if weight.dtype == acc:
         return weight @ at
-    if weight.is_cuda and acc == torch.float32:
+    if weight.is_cuda and acc == torch.float32 and _MM_OUT_DTYPE:
         return torch.mm(weight, at, out_dtype=acc)
     return (weight @ at).to(acc)
 
