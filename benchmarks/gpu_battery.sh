@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of docs/benchmarks.md in two calls of at most ~9 minutes each (a device session has little time:
+# run them as two commands, each writing its logs and markdown tables under OUT).
+#
+#   OUT=results bash benchmarks/gpu_battery.sh lora    # LoRA: training (traced), inference, layer; ~3 min
+#   OUT=results bash benchmarks/gpu_battery.sh dora    # DoRA (torch and Triton small steps); ~2 min
+#   OUT=results bash benchmarks/gpu_battery.sh init    # init methods, all five; ~7 min
+#
+# Each step has its own timeout so that a slow one cannot take the others' time; logs are flushed line by line.
+set -u
+OUT="${OUT:-results}"
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)/src"
+step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to OUT/NAME.log, report the exit status
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: exit $?"
+}
+case "${1:-}" in
+    lora)
+        step lora 280 python -u benchmarks/run.py --profile gpu --groups training,inference,layer --trace --out "$OUT/lora.md"
+        step host 90 python -u benchmarks/bench_host_overhead.py --device cuda --cases layer,model,mixed --rounds 3 --calls 20
+        ;;
+    dora)
+        step dora 150 python -u benchmarks/bench_dora.py --profile gpu --steps 20 --warmup 5
+        step dora_triton 90 env LORAKIT_DORA_TRITON=1 python -u benchmarks/bench_dora.py --profile gpu --steps 20 \
+            --warmup 5 --cases floor,lorakit-dora
+        ;;
+    init)
+        step init 560 python -u benchmarks/bench_init.py --profile gpu --device cuda --warmup 0 --repeats 2 --budget-s 20 \
+            --methods olora pissa_niter_4 pissa corda eva --json "$OUT/init.json"
+        ;;
+    *)
+        echo "usage: OUT=dir bash benchmarks/gpu_battery.sh lora|dora|init" >&2
+        exit 2
+        ;;
+esac
