@@ -94,3 +94,15 @@ def test_no_batch_in_a_distributed_run(monkeypatch, initialised):
     with factor_casts.model_call(object.__new__(type("Owner", (), {}))):
         seen.append(factor_casts.current())
     assert (seen[0] is None) == initialised
+
+
+def test_a_layer_run_many_times_in_one_call_is_batched_once(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    layer = model.base_model.model.model.layers[0].mlp
+    original = layer.forward
+    monkeypatch.setattr(layer, "forward", lambda x: original(original(x) * 0 + x))  # the MLP runs twice per call
+    model(input_ids=ids).logits.float().sum().backward()
+    batch = model.base_model.__dict__["_lorakit_factor_casts"]
+    n_factors = sum(1 for n, p in model.named_parameters() if ".lora_" in n)
+    assert len(batch.previous) == n_factors  # each factor once, although the MLP's ran twice

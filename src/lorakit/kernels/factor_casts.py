@@ -29,15 +29,15 @@ class FactorCasts:
     """Per-model memory of which factors a call used, and the casts of the call in progress."""
 
     def __init__(self) -> None:
-        self.previous: list[weakref.ref] = []  # factors asked for during the last call
+        self.previous: list[weakref.ref] = []  # factors asked for during the last call, each once
         self.casts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # id -> (param, cast), this call
-        self.asked: list[weakref.ref] = []
+        self.asked: dict[int, weakref.ref] = {}  # id -> factor, this call (a layer run many times counts once)
 
     def begin(self) -> None:
-        self.casts, self.asked = None, []
+        self.casts, self.asked = None, {}
 
     def end(self) -> None:
-        self.previous, self.casts, self.asked = self.asked, None, []
+        self.previous, self.casts, self.asked = list(self.asked.values()), None, {}
 
     def _batch(self, dtype: torch.dtype, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Cast every factor of the last call that still exists and matches (float32 -> ``dtype`` on ``device``)."""
@@ -61,8 +61,10 @@ class FactorCasts:
         """``param`` in ``dtype``, detached: from this call's batch, else cast on its own (and batched next call)."""
         if self.casts is None:
             self.casts = self._batch(dtype, param.device)
-        self.asked.append(weakref.ref(param))
-        hit = self.casts.get(id(param))
+        key = id(param)
+        if key not in self.asked:
+            self.asked[key] = weakref.ref(param)
+        hit = self.casts.get(key)
         if hit is not None and hit[0] is param and hit[1].dtype == dtype:
             return hit[1]
         return param.detach().to(dtype)
