@@ -191,8 +191,8 @@ def row_slots(routing: BatchRouting, stack: AdapterStack, device: torch.device) 
 
 
 def clear_caches(model: torch.nn.Module) -> None:
-    """Drop every cached cast / stack in ``model`` (they rebuild on demand); frees their memory."""
+    """Drop every cached cast / stack / DoRA ||W||^2 in ``model`` (they rebuild on demand); frees their memory."""
     for module in model.modules():
-        for attr in ("_lorakit_cast_cache", "_lorakit_stack", "_lorakit_mixed"):
+        for attr in ("_lorakit_cast_cache", "_lorakit_stack", "_lorakit_mixed", "_lorakit_dora_wsq"):
             module.__dict__.pop(attr, None)
     _SLOT_CACHE.clear()

@@ -264,6 +264,8 @@ class LoraLayer(nn.Module):
         weight = self.weight
         with torch.no_grad():
             weight.data = self._weight_from_2d(matrix).to(device=weight.device, dtype=weight.dtype).contiguous()
+        # the new storage may reuse the old one's address (caching allocator): drop what was derived from W
+        self.__dict__.pop("_lorakit_dora_wsq", None)
 
     def _move_adapter(self, name: str, autocast_adapter_dtype: bool) -> None:
         """Put the adapter on the base weight's device; float32 on fp16/bf16 bases when autocasting."""
