@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,7 +19,7 @@ import torch.nn as nn
 from ..config import CONFIG_NAME, LoraConfig
 from .atomic import atomic_path
 from .hub import resolve_file
-from .state_dict import adapter_state_dict, to_memory_keys
+from .state_dict import AdapterKeys, adapter_state_dict, to_memory_keys
 
 if TYPE_CHECKING:
     from ..peft_model import PeftModel
@@ -222,7 +221,8 @@ def load_adapter_weights(
             f"Adapter {source} has {len(unexpected)} tensors this model has no place for, e.g. {unexpected[0]!r}. "
             "Was it trained on another base model or with other target modules?"
         )
-    expected = [k for k in own if _belongs_to(k, adapter_name)]
+    keys = AdapterKeys(model)
+    expected = [k for k in own if keys.adapter_of(k) == adapter_name]
     missing = sorted(k for k in expected if k not in memory)
     if missing:
         warnings.warn(
@@ -230,14 +230,14 @@ def load_adapter_weights(
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""),
             stacklevel=3,
         )
-    any_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(memory, strict=False, assign=any_meta)
+    _load_tensors(model, own, memory)
     return LoadResult(missing, unexpected)
 
 
-def _belongs_to(key: str, adapter_name: str) -> bool:
-    """Whether in-memory ``key`` is a tensor of ``adapter_name``: the name must be the segment right after the
-    per-adapter container (an adapter named ``weight`` must not claim every ``...lora_A.<other>.weight``)."""
-    name = re.escape(adapter_name)
-    pattern = rf"\.(lora_[A-Za-z_]+|modules_to_save)\.{name}(\.|$)|\.trainable_tokens_delta\.{name}$"
-    return re.search(pattern, key) is not None
+def _load_tensors(model: nn.Module, own: dict[str, torch.Tensor], memory: dict[str, torch.Tensor]) -> None:
+    """Copy into existing tensors (keeping the model's dtype and device); assign only where the model holds meta
+    placeholders (low_cpu_mem_usage factors), whose dtype and device the caller sets afterwards."""
+    meta = {k: v for k, v in memory.items() if own[k].is_meta}
+    model.load_state_dict({k: v for k, v in memory.items() if k not in meta}, strict=False)
+    if meta:
+        model.load_state_dict(meta, strict=False, assign=True)

@@ -2,6 +2,9 @@
 
 In memory a key carries the adapter name (``...q_proj.lora_A.default.weight``); on disk it does not
 (``...q_proj.lora_A.weight``). modules_to_save copies are stored under the original module path.
+
+Adapter tensors are recognised by the model's structure (a LoRA layer's per-adapter containers, a
+ModulesToSaveWrapper's copies), never by a ``lora_`` name fragment: a base module may itself be named ``lora_proj``.
 """
 
 from __future__ import annotations
@@ -20,21 +23,70 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-_LORA_PARAM = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(\.(weight|bias))?$")
-_MTS = re.compile(r"\.modules_to_save\.([^.]+)\.")
 TOKENS_DELTA = "token_adapter.trainable_tokens_delta"
 _TOKENS = re.compile(rf"\.{re.escape(TOKENS_DELTA)}\.([^.]+)$")
 
 
-def _lora_key_to_disk(key: str, adapter_name: str) -> str | None:
-    """In-memory LoRA key of ``adapter_name`` -> disk key; None if the key is no LoRA key of that adapter."""
-    match = _LORA_PARAM.search(key)
-    if match is None or match.group(2) != adapter_name:
+def _join(*parts: str) -> str:
+    """Dotted key of the non-empty ``parts`` (a model that is itself a LoRA layer has the name "")."""
+    return ".".join(p for p in parts if p)
+
+
+class AdapterKeys:
+    """Where a model keeps adapter tensors, read off its modules.
+
+    ``lora_attrs``: LoRA layer name -> its per-adapter container names (``lora_A``, ``lora_B``,
+    ``lora_embedding_A/B``, ``lora_magnitude_vector``); ``wrappers``: names of the ModulesToSaveWrappers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.lora_attrs: dict[str, frozenset[str]] = {}
+        self.wrappers: set[str] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                self.lora_attrs[name] = frozenset(module.adapter_layer_names)
+            elif isinstance(module, ModulesToSaveWrapper):
+                self.wrappers.add(name)
+
+    def lora_split(self, key: str) -> tuple[str, str, str] | None:
+        """``<layer>.<attr>.<rest>`` -> (layer, attr, rest) when ``layer`` is a LoRA layer and ``attr`` one of its
+        adapter containers; None for any other key (e.g. ``lora_proj.bias`` of a base module named ``lora_proj``)."""
+        parts = key.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            layer = ".".join(parts[:i])
+            if parts[i] in self.lora_attrs.get(layer, ()):
+                return layer, parts[i], ".".join(parts[i + 1 :])
         return None
-    attr, suffix = match.group(1), match.group(3) or ""
-    if attr == "lora_magnitude_vector":
-        suffix = ""  # PEFT stores the DoRA magnitude without ".weight"
-    return key[: match.start()] + f".{attr}{suffix}"
+
+    def lora_adapter(self, key: str) -> tuple[str, str] | None:
+        """In-memory LoRA key -> (adapter name, disk key); None for keys of no LoRA container."""
+        split = self.lora_split(key)
+        if split is None:
+            return None
+        layer, attr, rest = split
+        adapter, _, suffix = rest.partition(".")
+        if attr == "lora_magnitude_vector" or not suffix:
+            return adapter, _join(layer, attr)  # PEFT stores the DoRA magnitude without ".weight"
+        return adapter, _join(layer, attr, suffix)
+
+    def copy_adapter(self, key: str) -> tuple[str, str] | None:
+        """In-memory key of a modules_to_save copy -> (adapter name, disk key); None for other keys."""
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-2]):
+            if part == "modules_to_save" and ".".join(parts[:i]) in self.wrappers:
+                return parts[i + 1], ".".join(parts[:i] + parts[i + 2 :])
+        return None
+
+    def is_adapter_key(self, key: str) -> bool:
+        """Whether in-memory ``key`` is a tensor of some adapter (any name)."""
+        return self.lora_split(key) is not None or self.copy_adapter(key) is not None or _TOKENS.search(key) is not None
+
+    def adapter_of(self, key: str) -> str | None:
+        """The adapter that owns in-memory ``key``, or None when no adapter does."""
+        found = self.lora_adapter(key) or self.copy_adapter(key)
+        if found is not None:
+            return found[0]
+        tokens = _TOKENS.search(key)
+        return tokens.group(1) if tokens is not None else None
 
 
 def adapter_state_dict(
@@ -49,25 +101,22 @@ def adapter_state_dict(
     ``state_dict`` replaces ``peft_model.state_dict()`` as the source of values (e.g. one gathered from FSDP shards);
     its keys must be the model's own."""
     full = peft_model.state_dict() if state_dict is None else state_dict
+    keys = AdapterKeys(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in full.items():
-        disk = _lora_key_to_disk(key, adapter_name)
-        if disk is not None:
-            out[disk] = tensor
-            continue
-        mts = _MTS.search(key)
-        if mts is not None:
-            if mts.group(1) == adapter_name:
-                out[key[: mts.start()] + "." + key[mts.end() :]] = tensor
+        found = keys.lora_adapter(key) or keys.copy_adapter(key)
+        if found is not None:
+            if found[0] == adapter_name:
+                out[found[1]] = tensor
             continue
         tokens = _TOKENS.search(key)
         if tokens is not None:
             if tokens.group(1) == adapter_name:  # rows of a tied head live (and are saved) on the embedding only
                 out[key[: tokens.start()] + "." + TOKENS_DELTA] = tensor
             continue
-        if _LORA_PARAM.search(key) is None and _bias_saved(peft_model, key, config):
+        if _bias_saved(peft_model, key, config):
             out[key] = tensor
-    out.update(_embedding_tensors(peft_model, full, adapter_name, config, save_embedding_layers))
+    out.update(_embedding_tensors(peft_model, full, keys, config, save_embedding_layers))
     return out
 
 
@@ -108,7 +157,7 @@ def _vocab_resized(peft_model: nn.Module, config: LoraConfig) -> bool:
 
 
 def _embedding_tensors(
-    peft_model: nn.Module, full: dict, adapter_name: str, config: LoraConfig, mode: bool | str
+    peft_model: nn.Module, full: dict, keys: AdapterKeys, config: LoraConfig, mode: bool | str
 ) -> dict[str, torch.Tensor]:
     targeted = embedding_targeted(peft_model, config)
     if mode == "auto":
@@ -124,8 +173,7 @@ def _embedding_tensors(
             continue
         prefix = names[id(layer)] + "."
         for key, tensor in full.items():
-            adapter_key = _LORA_PARAM.search(key) or _TOKENS.search(key) or ".modules_to_save." in key
-            if key.startswith(prefix) and not adapter_key:
+            if key.startswith(prefix) and not keys.is_adapter_key(key):
                 out[key] = tensor
     return out
 
@@ -134,12 +182,12 @@ def to_memory_keys(
     peft_model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str
 ) -> dict[str, torch.Tensor]:
     """Disk keys -> in-memory keys of ``peft_model`` for ``adapter_name`` (prefix optional on disk)."""
-    wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    keys = AdapterKeys(peft_model)
     prefix = model_prefix(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         full = prefix + key.removeprefix(PREFIX)
-        out[_disk_key_to_memory(full, adapter_name, wrappers)] = tensor
+        out[_disk_key_to_memory(full, adapter_name, keys)] = tensor
     return out
 
 
@@ -154,16 +202,16 @@ def model_prefix(model: nn.Module) -> str:
     return ""
 
 
-def _disk_key_to_memory(key: str, adapter_name: str, wrappers: set[str]) -> str:
-    match = re.search(r"\.(lora_[A-Za-z_]+)(\.(weight|bias))?$", key)
-    if match is not None:
-        attr, suffix = match.group(1), match.group(2) or ""
+def _disk_key_to_memory(key: str, adapter_name: str, keys: AdapterKeys) -> str:
+    split = keys.lora_split(key)
+    if split is not None and split[2] in ("", "weight", "bias"):
+        layer, attr, suffix = split
         if attr == "lora_magnitude_vector":
-            suffix = ".weight"
-        return key[: match.start()] + f".{attr}.{adapter_name}{suffix}"
+            suffix = "weight"
+        return _join(layer, attr, adapter_name, suffix)
     if key.endswith("." + TOKENS_DELTA):
         return f"{key}.{adapter_name}"
-    for wrapper in wrappers:
+    for wrapper in keys.wrappers:
         if key.startswith(wrapper + "."):
             return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1 :]}"
     return key
