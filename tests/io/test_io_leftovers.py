@@ -156,3 +156,24 @@ def test_low_cpu_mem_usage_gives_modules_to_save_the_model_dtype(saved, model_dt
         n for n, p in ordinary.named_parameters() if p.requires_grad
     }
     torch.testing.assert_close(low(x), ordinary(x), rtol=0, atol=0)
+
+
+def test_hotswap_refuses_the_bias_of_a_base_module_named_like_a_lora_attribute(tmp_path):
+    """A hotswap takes LoRA tensors only: the saved bias of the base module ``lora_proj`` (bias="all") is refused
+    as a non-LoRA tensor, with the model left as it was (a name-fragment test took it for a LoRA tensor)."""
+    from lorakit.utils.hotswap import hotswap_adapter
+
+    config = dict(r=2, lora_alpha=4, target_modules=["q"], init_lora_weights=False)
+    torch.manual_seed(1)
+    lorakit.get_peft_model(_net(), lorakit.LoraConfig(**config)).save_pretrained(tmp_path / "plain")
+    torch.manual_seed(2)
+    lorakit.get_peft_model(_net(), lorakit.LoraConfig(**config, bias="all")).save_pretrained(tmp_path / "bias")
+    model = lorakit.PeftModel.from_pretrained(_net(), tmp_path / "plain")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    # head.bias, q's base bias and lora_proj.bias: three (a name-fragment test counted two)
+    with pytest.raises(ValueError, match=r"only LoRA tensors can be swapped, but the new adapter also has 3 others"):
+        hotswap_adapter(model, str(tmp_path / "bias"), adapter_name="default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
+from ..io.state_dict import AdapterKeys
 from ..layers import LoraLayer
 from ..targeting.patterns import rank_and_alpha
 
@@ -312,11 +313,12 @@ def hotswap_adapter_from_state_dict(
         )
     live = _adapter_params(inner, adapter_name)
     state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    other = sorted(k for k in state_dict if f".{parameter_prefix}" not in k)
+    keys = AdapterKeys(inner)  # LoRA tensors by where they sit, not by a name fragment (a base module "lora_proj")
+    other = sorted(k for k in state_dict if keys.lora_split(k) is None or f".{parameter_prefix}" not in k)
     if other:
         raise ValueError(
             f"Cannot hotswap adapter {adapter_name!r}: only LoRA tensors can be swapped, but the new adapter also "
-            f"has {len(other)} others (modules_to_save / trainable tokens), e.g. {other[0]!r}."
+            f"has {len(other)} others (biases, modules_to_save, trainable tokens), e.g. {other[0]!r}."
         )
     unexpected = sorted(k for k in state_dict if k not in live)
     if unexpected:
