@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..io.state_dict import AdapterKeys
 from ..layers import LoraLayer
 from ..targeting.patterns import rank_and_alpha
 
@@ -34,6 +33,9 @@ RANK_DIM: dict[str, int] = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lo
 # config fields that change an adapter's output beyond its tensors, r and alpha: they must agree to swap
 CONFIG_KEYS_TO_CHECK: tuple[str, ...] = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora")
 _CHECK_COMPILED = ("error", "warn", "ignore")
+
+
+_LORA_CONTAINERS = frozenset(LoraLayer.adapter_layer_names)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -291,6 +293,13 @@ def _resize_modules(model: nn.Module, adapter_name: str) -> None:
                     setattr(item, size, rank)
 
 
+def _is_lora_key(key: str, prefix: str) -> bool:
+    """A LoRA tensor's key has one of the LoRA layers' container names (``lora_A``, ..., ``lora_magnitude_vector``)
+    as a path component, not merely a component starting with ``prefix`` (a base module named ``lora_proj``)."""
+    parts = key.split(".")[:-1]
+    return any(part in _LORA_CONTAINERS and part.startswith(prefix) for part in parts)
+
+
 def hotswap_adapter_from_state_dict(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
@@ -313,8 +322,7 @@ def hotswap_adapter_from_state_dict(
         )
     live = _adapter_params(inner, adapter_name)
     state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    keys = AdapterKeys(inner)  # LoRA tensors by where they sit, not by a name fragment (a base module "lora_proj")
-    other = sorted(k for k in state_dict if keys.lora_split(k) is None or f".{parameter_prefix}" not in k)
+    other = sorted(k for k in state_dict if not _is_lora_key(k, parameter_prefix))
     if other:
         raise ValueError(
             f"Cannot hotswap adapter {adapter_name!r}: only LoRA tensors can be swapped, but the new adapter also "
