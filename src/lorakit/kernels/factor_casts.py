@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+MIN_BATCH = 8  # fewer factors than this (a layer or two): casting each on its own costs less than a batch
 _LOCAL = threading.local()  # the batch of the model call in progress on this thread (DataParallel replicas: threads)
 
 
@@ -41,6 +42,8 @@ class FactorCasts:
 
     def _batch(self, dtype: torch.dtype, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Cast every factor of the last call that still exists and matches (float32 -> ``dtype`` on ``device``)."""
+        if len(self.previous) < MIN_BATCH:
+            return {}
         params = []
         for ref in self.previous:
             param = ref()
