@@ -6,11 +6,13 @@ without dropout (or in eval mode) and differs only in where the work happens, as
 
 * the norm by the expanded square, with few small ops: ||W_o||^2 is cached for the frozen W (``weight_sq``), then
   T = W A^T + (s/2) B (A A^T) (one read of W, an (out, r) result) and n^2 = ||W||^2 + 2 s <B_o, T_o>;
-* k goes into the weights, not onto the output: W' = k W (out, in) and B' = s k B (out, r) are formed with float32
-  math and rounded once to the activation dtype, then ``out = hs B'^T (+ b)`` and ``out.addmm_(x, W'^T)`` with
-  hs = x A^T (N, r). The output is rounded once, so a k within half an ulp of 1 still acts (rounding z = W x + ...
-  first and scaling it afterwards would lose it), and the weight-sized pass for W' costs less than an output-sized
-  one (out * in < N * out once N > in). No (N, out) float32 tensor is ever made.
+* k goes into the weights, not onto the output: W' = k W (out, in) and B' = k B (out, r) are formed with float32
+  math and rounded once to the activation dtype (s rides in the GEMMs' alpha), then ``out = s hs B'^T (+ b)`` and
+  ``out.addmm_(x, W'^T)`` with hs = x A^T (N, r). The output is rounded once, so a k within half an ulp of 1 still
+  acts (rounding z = W x + ... first and scaling it afterwards would lose it), and the weight-sized pass for W'
+  costs less than an output-sized one (out * in < N * out once N > in). No (N, out) float32 tensor is ever made.
+* inside a call of the LoRA model the small ops behind k and B' run once per group of same-shape layers
+  (``dora_batch``), not once per layer.
 * backward, derived by hand, for g = dL/dy (N, out):
 
       dx = (g B') A + g W'                 (W' formed again: nothing weight-sized is kept)
@@ -99,7 +101,7 @@ def _floor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8; CUDA only)
 
 
-def _projection(weight: torch.Tensor, at: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def projection(weight: torch.Tensor, at: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """W A^T (out, r) in ``acc``: one read of W, float32 accumulation; on CUDA the GEMM writes float32 itself."""
     if weight.dtype == acc:
         return weight @ at
@@ -137,35 +139,60 @@ def dora_factors(
     """
     acc = wsq.dtype
     a32 = lora_a if lora_a.dtype == acc else lora_a.to(acc)
-    at32 = a32.t()  # (in, r)
-    batch = factor_casts.current()  # inside a model call: A was cast with every other factor in one copy
-    if dtype == acc:
-        at = at32
-    elif batch is not None and lora_a.dtype == acc:
-        at = batch.cast(lora_a, dtype).t()
-    else:
-        at = at32.to(dtype)
-    wa = _projection(weight, at, acc)  # (out, in) @ (in, r) -> (out, r)
-    gram = a32 @ at32  # (r, r) A A^T
+    at = cast_at(lora_a, a32, dtype)
+    wa = projection(weight, at, acc)  # (out, in) @ (in, r) -> (out, r)
+    gram = a32 @ a32.t()  # (r, r) A A^T
     if triton:
         from .dora_triton import triton_factors
 
         k_col, _, inv_col, kb = triton_factors(wa, lora_b, gram, wsq, magnitude, scaling, _K_FLOOR, dtype)
         return DoraFactors(k_col, inv_col, at, kb, 1.0)
     b32 = lora_b if lora_b.dtype == acc else lora_b.to(acc)
-    out_features = b32.shape[0]
-    t = torch.addmm(wa, b32, gram, alpha=0.5 * scaling)  # W A^T + (s/2) B (A A^T): (out, r)
-    # ||W_o||^2 + 2 s <B_o, T_o>: (out, 1, r) @ (out, r, 1) -> (out, 1, 1), added to ||W||^2 in the same launch
-    n2 = torch.baddbmm(wsq.view(out_features, 1, 1), b32.unsqueeze(1), t.unsqueeze(2), alpha=2.0 * scaling)
-    rn = n2.view(out_features).rsqrt_()  # 1 / n
-    k = torch.addcmul(_floor(acc, rn.device), magnitude, rn)  # 1e-12 + m / n: (out,)
+    k_col, inv, kb = norm_tail(wa, b32, gram, wsq, magnitude, scaling, dtype, with_inverse)
+    return DoraFactors(k_col, inv, at, kb, scaling)
+
+
+def cast_at(lora_a: torch.Tensor, a32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A^T (in, r) in the activation dtype; inside a model call from its batched casts (``factor_casts``)."""
+    if a32.dtype == dtype:
+        return a32.t()
+    batch = factor_casts.current()
+    if batch is not None and lora_a.dtype == a32.dtype:
+        return batch.cast(lora_a, dtype).t()
+    return a32.t().to(dtype)
+
+
+def norm_tail(
+    wa: torch.Tensor,
+    b32: torch.Tensor,
+    gram: torch.Tensor,
+    wsq: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+    with_inverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(k_col, inv, kb) from W A^T, B, A A^T, ||W||^2 and m, for one layer or a stack of L same-shape layers.
+
+    Args:
+        wa: (out, r) or (L, out, r); b32: like wa; gram: (r, r) or (L, r, r); wsq, magnitude: (out,) or (L, out)
+    Returns:
+        k_col (..., out, 1), inv (..., out) or None, kb = k B (..., out, r) in ``dtype``
+    """
+    acc, rank = wsq.dtype, b32.shape[-1]
+    product = torch.baddbmm if b32.dim() == 3 else torch.addmm
+    t = product(wa, b32, gram, alpha=0.5 * scaling)  # W A^T + (s/2) B (A A^T): (..., out, r)
+    # ||W_o||^2 + 2 s <B_o, T_o>: one (1 x r) @ (r x 1) product per row, added to ||W||^2 in the same launch
+    n2 = torch.baddbmm(wsq.reshape(-1, 1, 1), b32.reshape(-1, 1, rank), t.reshape(-1, rank, 1), alpha=2.0 * scaling)
+    rn = n2.view(wsq.shape).rsqrt_()  # 1 / n
+    k = torch.addcmul(_floor(acc, rn.device), magnitude, rn)  # 1e-12 + m / n
     inv = rn.div_(k) if with_inverse else None  # 1 / (k n)
-    k_col = k.unsqueeze(1)  # (out, 1)
+    k_col = k.unsqueeze(-1)  # (..., out, 1)
     if dtype == acc:
         kb = b32 * k_col
     else:  # float32 product, rounded once into the activation dtype
         kb = torch.mul(b32, k_col, out=torch.empty(b32.shape, dtype=dtype, device=b32.device))
-    return DoraFactors(k_col, inv, at, kb, scaling)
+    return k_col, inv, kb
 
 
 def scaled_weight(weight: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
@@ -199,12 +226,14 @@ def dora_linear_inference(
     magnitude: torch.Tensor,
     scaling: float,
     wsq: torch.Tensor,
+    factors: DoraFactors | None = None,
 ) -> torch.Tensor:
     """The fused forward without autograd bookkeeping. Shapes as ``fused_dora_linear``."""
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    triton = use_triton(x) and wsq.dtype == torch.float32
-    factors = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
+    if factors is None:
+        triton = use_triton(x) and wsq.dtype == torch.float32
+        factors = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
     out, _ = _forward_2d(x2, weight, bias, factors)
     return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
@@ -223,13 +252,18 @@ class FusedDoraLinear(torch.autograd.Function):
         magnitude: torch.Tensor,
         scaling: float,
         wsq: torch.Tensor,
+        factors: DoraFactors | None = None,
     ) -> torch.Tensor:
         need_dx, _, _, need_da, need_db, need_dm = ctx.needs_input_grad[:6]
         shape = x.shape
         if x.dim() != 2:  # flattened here, not by the caller: no view nodes in the graph
             x = x.reshape(-1, shape[-1])
-        triton = use_triton(x) and wsq.dtype == torch.float32
-        f = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton)
+        triton = factors is None and use_triton(x) and wsq.dtype == torch.float32
+        f = factors  # given: computed with every same-shape layer of the model call (``dora_batch``)
+        if f is None or (need_dm and f.inv is None):
+            f = dora_factors(
+                weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton
+            )
         out, hs = _forward_2d(x, weight, bias, f)
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
         ctx.bias_dtype, ctx.triton = (None if bias is None else bias.dtype), triton
@@ -272,7 +306,7 @@ class FusedDoraLinear(torch.autograd.Function):
             dm = dm if dm.shape == m_shape else dm.view(m_shape)
             dm = dm if dm.dtype == m_dtype else dm.to(m_dtype)
             dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
-            return dx, None, dbias, da, db, dm, None, None
+            return dx, None, dbias, da, db, dm, None, None, None
         gsum = g.sum(0, dtype=acc) if (need_dbias or (need_dm and bias is not None)) else None
         if need_dm:
             total = (g * y).sum(0, dtype=acc)  # sum_N g y = k sum_N g z + b sum_N g
@@ -283,7 +317,7 @@ class FusedDoraLinear(torch.autograd.Function):
             dm = dm if dm.dtype == m_dtype else dm.to(m_dtype)
         if need_dbias:
             dbias = gsum.to(ctx.bias_dtype)
-        return dx, None, dbias, da, db, dm, None, None
+        return dx, None, dbias, da, db, dm, None, None, None
 
 
 def fused_dora_linear(
@@ -295,6 +329,7 @@ def fused_dora_linear(
     magnitude: torch.Tensor,
     scaling: float,
     wsq: torch.Tensor | None = None,
+    factors: DoraFactors | None = None,
 ) -> torch.Tensor:
     """y = b + (m / ||W + s B A||) (W + s B A) x, in x's dtype; gradients for x, A, B, m and b as they require.
 
@@ -302,6 +337,7 @@ def fused_dora_linear(
         x: (..., in); weight: (out, in) frozen, in x's dtype; bias: (out,) or None
         lora_a: (r, in); lora_b: (out, r); magnitude: (out,) (any float dtypes, e.g. float32 masters)
         wsq: (out,) ||W_o||^2 in the accumulation dtype (computed when None)
+        factors: k, 1 / (k n), A^T and B' already computed from these same tensors (``dora_batch``), or None
     Returns:
         (..., out) in x's dtype
     """
@@ -319,5 +355,5 @@ def fused_dora_linear(
         or (bias is not None and bias.requires_grad)
     )
     if graph:
-        return FusedDoraLinear.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, wsq)
-    return dora_linear_inference(x, weight, bias, lora_a, lora_b, magnitude, scaling, wsq)
+        return FusedDoraLinear.apply(x, weight, bias, lora_a, lora_b, magnitude, scaling, wsq, factors)
+    return dora_linear_inference(x, weight, bias, lora_a, lora_b, magnitude, scaling, wsq, factors)

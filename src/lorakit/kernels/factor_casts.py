@@ -19,6 +19,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -33,12 +34,18 @@ class FactorCasts:
         self.previous: list[weakref.ref] = []  # factors asked for during the last call, each once
         self.casts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # id -> (param, cast), this call
         self.asked: dict[int, weakref.ref] = {}  # id -> factor, this call (a layer run many times counts once)
+        # other per-call batches riding on the same scope (``dora_batch``): objects with begin() and end()
+        self.extensions: dict[str, Any] = {}
 
     def begin(self) -> None:
         self.casts, self.asked = None, {}
+        for extension in self.extensions.values():
+            extension.begin()
 
     def end(self) -> None:
         self.previous, self.casts, self.asked = list(self.asked.values()), None, {}
+        for extension in self.extensions.values():
+            extension.end()
 
     def _batch(self, dtype: torch.dtype, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Cast every factor of the last call that still exists and matches (float32 -> ``dtype`` on ``device``)."""

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..kernels.dora_batch import batched_factors
 from ..kernels.dora_linear import accumulation_dtype, fused_dora_linear, weight_sq
+from ..kernels.dora_triton import use_triton
 from . import register_variant
 from .dora_autograd import DoraLinearFunction, DoraScaleFunction
 from .dora_norm import weight_norm, weight_norm_reference
@@ -186,7 +188,11 @@ class DoraVariant:
         if magnitude.device != x.device or magnitude.dim() != 1:
             return None
         wsq = weight_sq(layer, weight, accumulation_dtype(x.dtype))
-        return fused_dora_linear(x, weight, bias, lora_a, lora_b, magnitude, layer.adapters[name].scaling, wsq)
+        scaling = layer.adapters[name].scaling
+        factors = None
+        if not use_triton(x):  # computed with the model call's other same-shape DoRA layers (``dora_batch``)
+            factors = batched_factors(layer, name, (weight, wsq, lora_a, lora_b, magnitude), scaling, x.dtype)
+        return fused_dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, wsq, factors)
 
     @staticmethod
     def _magnitude(layer: LoraLayer, name: str, device: torch.device) -> torch.Tensor:
