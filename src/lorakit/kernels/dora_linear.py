@@ -15,8 +15,8 @@ without dropout (or in eval mode) and differs only in where the work happens, as
   (``dora_batch``), not once per layer.
 * backward, derived by hand, for g = dL/dy (N, out):
 
-      dx = (g B') A + g W'                 (W' formed again: nothing weight-sized is kept)
-      dA = (g B')^T x                      (``weight_grad``: chunked on CUDA)
+      dx = s (g B') A + g W'               (W' formed again: nothing weight-sized is kept)
+      dA = s (g B')^T x                    (``weight_grad``: chunked on CUDA)
       dB = s k * (g^T hs)
       dm = sum_N(g * (y - b)) / (k n)      (= sum_N(g z) / n; |k| floored at 1e-12 so the division is exact)
       db = sum_N(g)                        (only when the bias is trainable)
