@@ -106,3 +106,21 @@ def test_a_layer_run_many_times_in_one_call_is_batched_once(monkeypatch):
     batch = model.base_model.__dict__["_lorakit_factor_casts"]
     n_factors = sum(1 for n, p in model.named_parameters() if ".lora_" in n)
     assert len(batch.previous) == n_factors  # each factor once, although the MLP's ran twice
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_inference_mode_calls_then_training(dora):
+    """Tensors the fast paths cache or batch while under ``torch.inference_mode`` must not reach a training graph
+    ("inference tensors cannot be saved for backward")."""
+    base = tiny_llama(0).to(torch.bfloat16)
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=dora)
+    model = lorakit.get_peft_model(base, config)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        model(input_ids=ids)
+        model(input_ids=ids)
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
