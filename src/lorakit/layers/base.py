@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..caches import state_without_caches
 from ..delta import delta_matrix
 from ..init import InitRequest, run_init
 from ..routing import current_routing
@@ -65,6 +66,10 @@ class LoraLayer(nn.Module):
         "lora_embedding_B",
         "lora_magnitude_vector",
     )
+
+    def __getstate__(self) -> dict:
+        """Pickling and deep copies leave out the derived ``_lorakit_`` caches (weak references, device tensors)."""
+        return state_without_caches(self)
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..caches import state_without_caches
 from ..config import LoraConfig
 from ..kernels.factor_casts import model_call
 from ..layers import LoraLayer
@@ -53,6 +54,10 @@ _ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)
 
 class LoraModel(nn.Module):
     prefix = "lora_"
+
+    def __getstate__(self) -> dict:
+        """Pickling and deep copies leave out the derived ``_lorakit_`` caches (weak references, device tensors)."""
+        return state_without_caches(self)
 
     def __init__(
         self,
