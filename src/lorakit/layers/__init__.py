@@ -4,6 +4,7 @@ from .base import LoraLayer
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear
+from .mha import MultiheadAttention
 from .record import AdapterRecord
 from .registry import LAYER_TYPES, create_lora_layer, register_layer_type
 from .variant import LoraVariant
@@ -16,6 +17,7 @@ __all__ = [
     "Linear",
     "LoraLayer",
     "LoraVariant",
+    "MultiheadAttention",
     "create_lora_layer",
     "register_layer_type",
 ]

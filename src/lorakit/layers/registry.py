@@ -19,6 +19,7 @@ from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear
+from .mha import MultiheadAttention
 
 
 @dataclass
@@ -62,6 +63,11 @@ LAYER_TYPES: list[LayerType] = [
     LayerType("bnb_4bit", is_bnb_4bit, partial(_build_linear, layer_cls=Linear4bit)),
     LayerType("embedding", lambda m, c: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
     LayerType("conv", lambda m, c: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
+    LayerType(
+        "multihead_attention",
+        lambda m, c: isinstance(m, nn.MultiheadAttention),
+        lambda m, c: MultiheadAttention(m),
+    ),
     LayerType("linear", lambda m, c: isinstance(m, nn.Linear), _build_linear),
     LayerType("conv1d_transformers", _is_conv1d_transformers, _build_conv1d_transformers),
 ]
@@ -84,6 +90,6 @@ def create_lora_layer(module: nn.Module, config: LoraConfig, module_name: str) -
     raise ValueError(
         f"Target module {module_name!r} of type {type(module).__name__} is not supported. LoRA supports: "
         f"{', '.join(e.name for e in LAYER_TYPES)} (bitsandbytes Linear8bitLt/Linear4bit, torch.nn.Linear, Embedding, "
-        "Conv1d/2d/3d, transformers Conv1D); "
+        "Conv1d/2d/3d, MultiheadAttention, transformers Conv1D); "
         "register others with lorakit.layers.register_layer_type."
     )

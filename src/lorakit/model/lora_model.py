@@ -393,8 +393,9 @@ class LoraModel(nn.Module):
         for path, layer, pending in iterator:
             if pending:
                 layer.merge(adapter_names=pending)
-            if any(path.startswith(done + ".") for done in unwrapped):
-                continue  # nested inside a wrapper already replaced by its base (target_parameters wrappers)
+            path = _path_after_unwrap(path, unwrapped)
+            if path is None:
+                continue  # in the base_layer chain of a wrapper already replaced by its base (target_parameters)
             parent, child = split_parent(self.model, path)
             setattr(parent, child, layer.get_base_layer())
             unwrapped.append(path)
@@ -404,6 +405,19 @@ class LoraModel(nn.Module):
                 keep = next((n for n in names if n in module.modules_to_save), None)
                 setattr(parent, child, module.unwrapped(keep))
         return self.model
+
+
+def _path_after_unwrap(path: str, unwrapped: list[str]) -> str | None:
+    """Where the layer at ``path`` sits once the wrappers at ``unwrapped`` were replaced by their bases: None if it
+    was in a wrapper's ``base_layer`` chain (gone with it), else the path without that wrapper's ``base_layer``
+    (a LoRA layer nested deeper in the base, as MultiheadAttention's out_proj)."""
+    for done in unwrapped:
+        if path.startswith(done + "."):
+            rest = path[len(done) + 1 :].split(".")
+            while rest and rest[0] == "base_layer":
+                rest.pop(0)
+            return ".".join([done, *rest]) if rest else None
+    return path
 
 
 def _check_finite_merge(path: str, layer: LoraLayer, pending: list[str]) -> None:
