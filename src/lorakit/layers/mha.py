@@ -85,6 +85,24 @@ class MultiheadAttention(LoraLayer):
     def bias(self) -> torch.Tensor | None:
         return self.get_base_layer().in_proj_bias
 
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """The base's flag, but False while an unmerged adapter is applied: torch's fused encoder path
+        (``TransformerEncoderLayer``/``TransformerEncoder`` in eval) reads the base weights directly, so it would skip
+        the adapters silently; this is the flag it checks before taking that path."""
+        base_flag = self.get_base_layer()._qkv_same_embed_dim
+        return base_flag and not self._applies_adapters()
+
+    def _applies_adapters(self) -> bool:
+        """True when a forward would change a weight (an active, unmerged adapter on in_proj or out_proj)."""
+        if self._disable_adapters:
+            return False
+        return any(
+            n in layer.adapters and n not in layer.merged_adapters
+            for layer in (self, self.out_proj_layer)
+            for n in layer.active_adapters
+        )
+
     def _check_supported(self, adapter_name: str, record: AdapterRecord, config: LoraConfig, module_name: str) -> None:
         from ..variants import REQUESTED_BY_CONFIG, VARIANTS
 
