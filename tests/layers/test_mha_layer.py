@@ -339,3 +339,15 @@ def test_torch_encoder_fast_path_does_not_skip_the_adapters(with_mask):
         assert _inner(model).enc.layers[0].self_attn._qkv_same_embed_dim
         merged = model(x, mask)
         torch.testing.assert_close(merged[0] if with_mask else merged, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["out_proj", "lin"], "all-linear"])
+def test_targeting_out_proj_alone_warns_that_it_has_no_effect(targets):
+    """torch never calls out_proj: peft wraps it anyway (same keys here), lorakit too, but says so."""
+    theirs = peft.get_peft_model(_base(), _config(peft, target_modules=targets))
+    with pytest.warns(UserWarning, match=r"'mha.out_proj' is the out_proj of nn.MultiheadAttention 'mha'"):
+        ours = lorakit.get_peft_model(_base(), _config(lorakit, target_modules=targets))
+    assert _inner(ours).state_dict().keys() == _inner(theirs).state_dict().keys()
+    with torch.no_grad():
+        _inner(ours).lin.lora_B["default"].weight.zero_()
+        torch.testing.assert_close(ours(_x()), _base()(_x()))  # out_proj's adapter (B != 0) changes nothing

@@ -119,6 +119,7 @@ def inject_lora(
         )
         if layer is not module:
             parent, child = split_parent(model, name)
+            _warn_if_never_called(parent, child, name)
             setattr(parent, child, layer)
     params = inject_parameters(
         model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
@@ -127,6 +128,19 @@ def inject_lora(
     warn_unused_patterns(config, targets + params)
     wrap_trainable_tokens(model, config, adapter_name, autocast_adapter_dtype)
     return targets + params
+
+
+def _warn_if_never_called(parent: nn.Module, child: str, name: str) -> None:
+    """nn.MultiheadAttention reads out_proj's weight but never calls it: a LoRA layer there changes nothing (PEFT
+    wraps it all the same, e.g. with 'all-linear'; the adapter is kept for file compatibility, with this warning)."""
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        owner = name.rpartition(".")[0]
+        warnings.warn(
+            f"Target {name!r} is the out_proj of nn.MultiheadAttention {owner!r}, whose forward torch never calls: "
+            f"its LoRA adapter has no effect (as in PEFT). Target {owner!r} itself (LoRA on in_proj and out_proj) "
+            "or exclude it with exclude_modules.",
+            stacklevel=5,
+        )
 
 
 def _check_something_targeted(model: nn.Module, config: LoraConfig, modules: list[str], params: list[str]) -> None:
