@@ -10,6 +10,7 @@ compared, peft runs with out_proj's lora_B halved: then both compute W_out + s B
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -351,3 +352,21 @@ def test_targeting_out_proj_alone_warns_that_it_has_no_effect(targets):
     with torch.no_grad():
         _inner(ours).lin.lora_B["default"].weight.zero_()
         torch.testing.assert_close(ours(_x()), _base()(_x()))  # out_proj's adapter (B != 0) changes nothing
+
+
+def test_add_weighted_adapter_equals_peft():
+    theirs, ours = _pair()
+    theirs.add_adapter("b", _config(peft, r=3))
+    ours.add_adapter("b", _config(lorakit, r=3))
+    _inner(ours).load_state_dict(_inner(theirs).state_dict())
+    with torch.no_grad():  # _inner(theirs) holds the halved out_proj B of "default"; "b" is halved here
+        _inner(ours).mha.base_layer.out_proj.lora_B["default"].weight.mul_(2)
+        _inner(theirs).mha.base_layer.out_proj.lora_B["b"].weight.mul_(0.5)
+    theirs.add_weighted_adapter(["default", "b"], [0.7, 0.4], "c", combination_type="cat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # out_proj is combined through its attention layer, not a target of its own
+        ours.add_weighted_adapter(["default", "b"], [0.7, 0.4], "c", combination_type="cat")
+    for model in (theirs, ours):
+        model.set_adapter("c")
+    assert set(_inner(ours).mha.out_proj_layer.lora_A) == {"default", "b", "c"}
+    torch.testing.assert_close(ours(_x()), theirs(_x()), atol=1e-5, rtol=1e-5)

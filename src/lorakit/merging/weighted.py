@@ -140,7 +140,7 @@ def add_weighted_adapter(
     layers = [(path, layer) for path, layer in model.lora_layers() if any(a in layer.adapters for a in adapters)]
     _check_layers(layers, adapters, combination, name, rank)
     with model.adding(adapter_name):
-        model.inject_adapter(adapter_name, _new_config(model, adapters, rank, [p for p, _ in layers]))
+        model.inject_adapter(adapter_name, _new_config(model, adapters, rank, _target_paths(layers)))
         for _, layer in layers:
             lora_a, lora_b = combination.combine(_sources(layer, adapters, weights), rank, options)
             layer.set_factors_2d(adapter_name, lora_a, lora_b)
@@ -150,6 +150,15 @@ def add_weighted_adapter(
                     layer.lora_B[adapter_name].bias.copy_(bias)
         _copy_modules_to_save(model, adapters, adapter_name)
         model._apply_trainability()
+
+
+def _target_paths(layers: list) -> list[str]:
+    """The layers' paths, without the out_proj layers nested in a MultiheadAttention layer (not a target of their
+    own: the attention layer adds each adapter to its out_proj)."""
+    from ..layers.mha import MultiheadAttention
+
+    owners = {path for path, layer in layers if isinstance(layer, MultiheadAttention)}
+    return [path for path, _ in layers if path.rpartition(".base_layer.")[0] not in owners]
 
 
 def _check_layers(layers: list, adapters: list[str], combination: Combination, name: str, rank: int) -> None:
