@@ -281,8 +281,10 @@ def test_dropout_is_not_applied_with_a_warning_as_peft():
 def test_refusals_match_peft():
     with pytest.raises(ValueError, match="DoRA"):
         peft.get_peft_model(_base(), _config(peft, use_dora=True))
+    base = _base()
     with pytest.raises(ValueError, match=r"MultiheadAttention 'mha' does not support the dora variant"):
-        lorakit.get_peft_model(_base(), _config(lorakit, use_dora=True))
+        lorakit.get_peft_model(base, _config(lorakit, use_dora=True))
+    assert type(base.mha.out_proj) is type(_base().mha.out_proj)  # the model is left as it was
 
     separate = Attn(kdim=4, vdim=4)
     with pytest.raises(ValueError, match="Only same"):
