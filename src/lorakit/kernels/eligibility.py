@@ -28,6 +28,20 @@ def plain_linear(module: nn.Module) -> bool:
     )
 
 
+def plain_conv1d(module: nn.Module) -> bool:
+    """Exactly transformers' ``Conv1D`` (GPT-2 style: weight (in, out), y = x W + b), without hooks or an
+    instance-level forward."""
+    cls = type(module)
+    state = module.__dict__
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__ == "transformers.pytorch_utils"
+        and not state["_forward_hooks"]
+        and not state["_forward_pre_hooks"]
+        and "forward" not in state
+    )
+
+
 def dropout_probability(module: nn.Module) -> float | None:
     """The dropout the fast path must apply: 0.0 for Identity / eval-mode Dropout, p for a training Dropout,
     None for anything else (a custom module: use the reference path)."""

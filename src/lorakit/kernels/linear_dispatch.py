@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..routing import current_routing
 from .adapter_stack import cast_factors
-from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_linear
+from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_conv1d, plain_linear
 from .lora_linear import fast_lora_term, fused_call
 from .switch import fast_paths_enabled
 
@@ -59,6 +59,15 @@ def _single_plain_adapter(layer: Linear) -> tuple[str, AdapterRecord, nn.Linear,
     return None if factors is None else (name, record, *factors)
 
 
+def _base_weight(layer: Linear, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight as (out, in), bias) of a base the fused node can compute: a plain nn.Linear, or transformers' Conv1D
+    (GPT-2; its (in, out) weight as a transposed view, no copy); else None."""
+    params = base.__dict__["_parameters"]
+    if not layer.fan_in_fan_out:
+        return (params["weight"], params["bias"]) if plain_linear(base) else None
+    return (params["weight"].t(), params["bias"]) if plain_conv1d(base) else None
+
+
 def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """y = base(x) + s * B A dropout(x) through one fused node, or None when the reference path must run.
 
@@ -69,15 +78,14 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     """
     if args or kwargs or not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
         return None
-    if current_routing() is not None or layer.fan_in_fan_out or global_hooks_present():
+    if current_routing() is not None or global_hooks_present():
         return None
     if torch.compiler.is_compiling():
         return None  # compiled graphs take the reference path, which the compiler fuses itself
-    base = _submodule(layer, "base_layer")
-    if not plain_linear(base):
+    base_params = _base_weight(layer, _submodule(layer, "base_layer"))
+    if base_params is None:
         return None
-    params = base.__dict__["_parameters"]
-    weight, bias = params["weight"], params["bias"]
+    weight, bias = base_params
     if x.dtype != weight.dtype or not x.dtype.is_floating_point or x.device != weight.device:
         return None
     if autocast_active(x.device):
@@ -92,8 +100,12 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
-    if record.variant is not None:  # the variant's own node decides (None: its reference path)
-        return record.variant.fused_linear(layer, name, x, weight, bias, lora_a, lora_b, p)
+    if record.variant is not None:  # the variant's own node decides (None: its reference path); nn.Linear only
+        return (
+            None
+            if layer.fan_in_fan_out
+            else record.variant.fused_linear(layer, name, x, weight, bias, lora_a, lora_b, p)
+        )
     graph = p > 0.0 or (
         torch.is_grad_enabled()
         and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
