@@ -40,7 +40,7 @@ import torch
 
 from . import factor_casts
 from .dora_triton import use_triton
-from .lora_linear import scaled_mm, weight_grad
+from .lora_linear import cached_scalar, scaled_mm, weight_grad
 
 _K_FLOOR = 1e-12  # |k| floor: y / k must give z back for the magnitude's gradient (as variants/dora_autograd.py)
 
@@ -51,6 +51,12 @@ _ACCUMULATION = {torch.bfloat16: torch.float32, torch.float16: torch.float32, to
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 activations (a dict lookup: ``torch.promote_types`` is a dispatched op)."""
     return _ACCUMULATION.get(dtype, torch.float64)
+
+
+@torch.no_grad()
+def row_squares(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """||W_o||^2 per row of an (out, in) weight, (out,) accumulated in ``acc``."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
 
 
 def weight_sq(owner: Any, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -65,8 +71,7 @@ def weight_sq(owner: Any, weight: torch.Tensor, acc: torch.dtype) -> torch.Tenso
     hit = state.get("_lorakit_dora_wsq")
     if hit is not None and hit[0]() is weight and hit[1] == key:
         return hit[2]
-    with torch.no_grad():
-        sq = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=acc).square_()
+    sq = row_squares(weight, acc)
     state["_lorakit_dora_wsq"] = (weakref.ref(weight), key, sq)
     return sq
 
@@ -84,18 +89,6 @@ class DoraFactors(NamedTuple):
     at: torch.Tensor
     kb: torch.Tensor
     kb_scale: float
-
-
-_FLOORS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _floor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 0-dim tensor holding the |k| floor (an ``addcmul`` input: k = floor + m * (1 / n) in one launch)."""
-    key = (dtype, device)
-    floor = _FLOORS.get(key)
-    if floor is None:
-        floor = _FLOORS[key] = torch.full((), _K_FLOOR, dtype=dtype, device=device)
-    return floor
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8; CUDA only)
@@ -185,7 +178,7 @@ def norm_tail(
     # ||W_o||^2 + 2 s <B_o, T_o>: one (1 x r) @ (r x 1) product per row, added to ||W||^2 in the same launch
     n2 = torch.baddbmm(wsq.reshape(-1, 1, 1), b32.reshape(-1, 1, rank), t.reshape(-1, rank, 1), alpha=2.0 * scaling)
     rn = n2.view(wsq.shape).rsqrt_()  # 1 / n
-    k = torch.addcmul(_floor(acc, rn.device), magnitude, rn)  # 1e-12 + m / n
+    k = torch.addcmul(cached_scalar(_K_FLOOR, acc, rn.device), magnitude, rn)  # 1e-12 + m / n
     inv = rn.div_(k) if with_inverse else None  # 1 / (k n)
     k_col = k.unsqueeze(-1)  # (..., out, 1)
     if dtype == acc:
@@ -346,7 +339,7 @@ def fused_dora_linear(
             "fused_dora_linear takes a frozen base weight; this one requires grad (use the layer's reference path)."
         )
     if wsq is None:
-        wsq = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=accumulation_dtype(x.dtype)).square()
+        wsq = row_squares(weight, accumulation_dtype(x.dtype))
     graph = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_a.requires_grad

@@ -68,16 +68,22 @@ def reference_lora_linear(
 WGRAD_CHUNKS = 8
 
 
-_IGNORED: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SCALARS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def cached_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor holding ``value``, made once per (value, dtype, device): an op input that broadcasts (e.g.
+    ``addcmul``'s), or the ignored input of ``addmm`` / ``baddbmm`` with beta = 0. Never written to."""
+    key = (value, dtype, device)
+    scalar = _SCALARS.get(key)
+    if scalar is None:
+        scalar = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)
+    return scalar
 
 
 def _ignored(like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor to pass as the input of ``addmm`` / ``baddbmm`` with beta = 0 (never read: cuBLAS skips it)."""
-    key = (like.dtype, like.device)
-    dummy = _IGNORED.get(key)
-    if dummy is None:
-        dummy = _IGNORED[key] = torch.empty((), dtype=like.dtype, device=like.device)
-    return dummy
+    """The input of ``addmm`` / ``baddbmm`` with beta = 0 (never read: cuBLAS skips it)."""
+    return cached_scalar(0.0, like.dtype, like.device)
 
 
 def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.dora_linear import row_squares
+
 _ROW_BLOCK = 1024  # rows of W + s B A formed at once by the reference (bounds its float32 temporary)
 
 
@@ -34,7 +36,7 @@ def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     device, acc = weight.device, torch.promote_types(weight.dtype, torch.float32)
     a32 = lora_a.to(device=device, dtype=acc)
     b32 = lora_b.to(device=device, dtype=acc)
-    squares = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()  # (out,)
+    squares = row_squares(weight, acc)  # (out,)
     # (out, in) @ (in, r) -> (out, r): W's projection on the rows of A
     proj = (weight @ a32.to(weight.dtype).T).to(acc)
     cross = (proj * b32).sum(dim=1)  # <B_o, (W A^T)_o>
