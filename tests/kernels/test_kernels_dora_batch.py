@@ -7,6 +7,7 @@ import torch
 import lorakit
 from lorakit.kernels import dora_batch, dora_linear, factor_casts
 from models import tiny_llama
+from training_helpers import sgd_losses
 
 
 def _model(dtype=torch.float32, seed: int = 0):
@@ -25,14 +26,7 @@ def _train(model, ids, steps: int, batched: bool, monkeypatch) -> list[float]:
     if not batched:
         monkeypatch.setattr(dora_batch, "batched_factors", lambda *args: None)
         monkeypatch.setattr("lorakit.variants.dora.batched_factors", lambda *args: None)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = sgd_losses(model, ids, steps)
     monkeypatch.undo()
     return losses
 
