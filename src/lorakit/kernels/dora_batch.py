@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .dora_linear import DoraFactors, accumulation_dtype, cast_at, dora_factors, norm_tail, projection, weight_sq
-from .factor_casts import FactorCasts
+from .factor_casts import FactorCasts, current
 
 if TYPE_CHECKING:
     from ..layers.base import LoraLayer
@@ -138,7 +138,5 @@ def dora_batch(casts: FactorCasts) -> DoraBatch:
 def batched_factors(layer: LoraLayer, name: str, inputs: tuple, scaling: float, dtype: torch.dtype) -> Any:
     """This model call's batched factors for ``layer``'s adapter ``name`` (see ``DoraBatch.factors``), or None
     outside a model call."""
-    from .factor_casts import current
-
     casts = current()
     return None if casts is None else dora_batch(casts).factors(layer, name, inputs, scaling, dtype)
