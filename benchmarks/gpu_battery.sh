@@ -23,7 +23,7 @@ case "${1:-}" in
         step host 90 python -u benchmarks/bench_host_overhead.py --device cuda --cases layer,model,mixed --rounds 3 --calls 20
         ;;
     dora)
-        step dora 150 python -u benchmarks/bench_dora.py --profile gpu --steps 20 --warmup 5
+        step dora 170 python -u benchmarks/bench_dora.py --profile gpu --steps 20 --warmup 5 --trace
         step dora_triton 90 env LORAKIT_DORA_TRITON=1 python -u benchmarks/bench_dora.py --profile gpu --steps 20 \
             --warmup 5 --cases floor,lorakit-dora
         ;;
