@@ -179,9 +179,17 @@ def bench(args: argparse.Namespace) -> list[Result]:
     ids = torch.randint(0, profile["vocab"], (profile["batch"], profile["seq"]), generator=g).to(device)
     print(f"profile={args.profile} {profile} device={device} dtype={dtype} torch={torch.__version__}")
     results, states = [], {}
+    from lorakit.kernels import dora_triton
+
+    default_mode = dora_triton.MODE
     for case in args.cases.split(","):
+        case, _, mode = case.partition(":")
         if case not in CASES:
             raise SystemExit(f"Unknown case {case!r}; cases are {', '.join(CASES)}.")
+        # lorakit-dora:MODE: the case with LORAKIT_DORA_TRITON=MODE (A/B in one process); plain: the environment's
+        dora_triton.MODE = mode or default_mode
+        dora_triton.use_triton_grad(ids)  # validates the mode
+        case_label = f"{case}:{mode}" if mode else case
         if case == "floor":
             base.train()
             model, restore = base, (lambda m=base: m)
@@ -190,16 +198,16 @@ def bench(args: argparse.Namespace) -> list[Result]:
             model, restore = wrap(case, base, states)
             step = make_train_step(model, ids)
         ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params)
-        results.append(Result(case, ms, ms_min, peak, saved, loss0))
+        results.append(Result(case_label, ms, ms_min, peak, saved, loss0))
         if args.trace and case.startswith("lorakit"):
-            trace_case(case, model, step, ids, device)
+            trace_case(case_label, model, step, ids, device)
         base = restore()
         del model, step
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         print(
-            f"  {case:14s} {ms:9.1f} ms (min {ms_min:.1f})  peak {fmt(peak)} GiB  saved {saved:7.3f} GiB  "
+            f"  {case_label:14s} {ms:9.1f} ms (min {ms_min:.1f})  peak {fmt(peak)} GiB  saved {saved:7.3f} GiB  "
             f"loss0 {loss0:.6f}",
             flush=True,
         )
@@ -311,7 +319,11 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu profile)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE sets LORAKIT_DORA_TRITON=MODE for that case",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None)

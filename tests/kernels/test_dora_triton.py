@@ -80,23 +80,30 @@ def test_magnitude_grad_kernel_matches_torch(bias, n):
 
 
 @needs_cuda
+@pytest.mark.parametrize("mode", ["1", "auto"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_node_with_triton_matches_the_torch_path_on_cuda(bias, monkeypatch):
+def test_fused_node_with_triton_matches_the_torch_path_on_cuda(bias, mode, monkeypatch):
     weight, lora_a, lora_b, magnitude, _ = _case(out=300, d_in=256, rank=16)
     b = torch.randn(300, device="cuda").to(torch.bfloat16) if bias else None
     x = torch.randn(4, 64, 256, device="cuda").to(torch.bfloat16)
     results = []
-    for enabled in (True, False):
-        monkeypatch.setattr(dora_triton, "ENABLED", enabled)
+    for setting in (mode, "0"):
+        monkeypatch.setattr(dora_triton, "MODE", setting)
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b, magnitude)]
         y = fused_dora_linear(leaves[0], weight, b, *leaves[1:], 0.5)
         cot = torch.randn(y.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
         results.append((y, torch.autograd.grad(y, leaves, cot.to(y.dtype))))
     (y1, g1), (y2, g2) = results
     torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(dora_triton, "ENABLED", True)
-    with torch.no_grad():  # the inference path takes the Triton factors too
+    monkeypatch.setattr(dora_triton, "MODE", mode)
+    with torch.no_grad():  # the inference path takes the same factors
         inferred = fused_dora_linear(x, weight, b, lora_a, lora_b, magnitude, 0.5)
     torch.testing.assert_close(inferred, y1.detach())
     for a, c in zip(g1, g2, strict=True):
         assert ((a.float() - c.float()).norm() / c.float().norm()).item() < 1e-2
+
+
+def test_an_unknown_mode_names_the_settings(monkeypatch):
+    monkeypatch.setattr(dora_triton, "MODE", "yes")
+    with pytest.raises(ValueError, match=r"LORAKIT_DORA_TRITON='yes'.*0, auto, 1"):
+        dora_triton.use_triton_grad(torch.zeros(1))

@@ -15,18 +15,20 @@ without dropout (or in eval mode) and differs only in where the work happens, as
   (``dora_batch``), not once per layer.
 * backward, derived by hand, for g = dL/dy (N, out):
 
-      dx = s (g B') A + g W'               (W' formed again: nothing weight-sized is kept)
+      dx = s (g B') A + g W'               (W' kept from forward: one weight-sized tensor per layer)
       dA = s (g B')^T x                    (``weight_grad``: chunked on CUDA)
       dB = s k * (g^T hs)
       dm = sum_N(g * (y - b)) / (k n)      (= sum_N(g z) / n; |k| floored at 1e-12 so the division is exact)
       db = sum_N(g)                        (only when the bias is trainable)
 
-  Saved: x, hs, the cast A, B', y (the output itself: the next layer usually keeps it anyway) and (out,) vectors.
+  Saved: x, hs, the cast A, B', W' (forming it again in backward cost a weight-sized pass and two launches per
+  layer: about 3 ms of a 1.1B model's step on an H200, for 1.9 GB), y (the output itself: the next layer usually
+  keeps it anyway) and (out,) vectors.
   (So an in-place op on the output, e.g. ReLU(inplace=True), makes backward raise autograd's in-place error, as the
   reference path's ``DoraLinearFunction`` did.)
-* on CUDA with Triton (``dora_triton``), the small steps run as two kernels: the norm's tail and the factors in one
-  launch, and dm in one read of g and y; opt-in (``LORAKIT_DORA_TRITON=1``): the torch ops measured faster on a
-  host-bound step.
+* on CUDA with Triton (``dora_triton``), dm is one read of g and y (by default), and with
+  ``LORAKIT_DORA_TRITON=1`` the norm's tail and the factors are one launch per layer instead of the batched torch
+  ops.
 
 Shapes: x (N, in) (the node flattens (..., in) itself), W (out, in), b (out,), A (r, in), B (out, r), m (out,).
 """
@@ -39,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import factor_casts
-from .dora_triton import use_triton
+from .dora_triton import use_triton, use_triton_grad
 from .lora_linear import cached_scalar, scaled_mm, weight_grad
 
 _K_FLOOR = 1e-12  # |k| floor: y / k must give z back for the magnitude's gradient (as variants/dora_autograd.py)
@@ -201,13 +203,15 @@ def scaled_weight(weight: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
 
 def _forward_2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: DoraFactors
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, hs): y = kb_scale * hs B'^T (+ b), then the base GEMM with W' = k W accumulates onto it; hs = x A^T."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, hs, W'): y = kb_scale * hs B'^T (+ b), then the base GEMM with W' = k W (out, in) accumulates onto it;
+    hs = x A^T (N, r)."""
     hs = x @ f.at  # (N, in) @ (in, r) -> (N, r)
     kbt = f.kb.t()
     # (N, r) @ (r, out) -> (N, out), the scale in the GEMM's alpha
     out = torch.addmm(bias, hs, kbt, alpha=f.kb_scale) if bias is not None else scaled_mm(hs, kbt, f.kb_scale)
-    return out.addmm_(x, scaled_weight(weight, f.k_col).t()), hs  # + (N, in) @ (in, out)
+    wk = scaled_weight(weight, f.k_col)
+    return out.addmm_(x, wk.t()), hs, wk  # + (N, in) @ (in, out)
 
 
 def dora_linear_inference(
@@ -227,7 +231,7 @@ def dora_linear_inference(
     if factors is None:
         triton = use_triton(x) and wsq.dtype == torch.float32
         factors = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
-    out, _ = _forward_2d(x2, weight, bias, factors)
+    out, _, _ = _forward_2d(x2, weight, bias, factors)
     return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
 
@@ -257,26 +261,26 @@ class FusedDoraLinear(torch.autograd.Function):
             f = dora_factors(
                 weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton
             )
-        out, hs = _forward_2d(x, weight, bias, f)
+        out, hs, wk = _forward_2d(x, weight, bias, f)
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
-        ctx.bias_dtype, ctx.triton = (None if bias is None else bias.dtype), triton
-        ctx.scaling, ctx.kb_scale = scaling, f.kb_scale
+        ctx.bias_dtype, ctx.scaling, ctx.kb_scale = (None if bias is None else bias.dtype), scaling, f.kb_scale
+        ctx.triton_grad = need_dm and wsq.dtype == torch.float32 and use_triton_grad(x)
         ctx.save_for_backward(
             x if need_da else None,
-            weight if need_dx else None,
+            wk if need_dx else None,
             bias if need_dm else None,
             f.at if need_dx else None,
             f.kb if (need_dx or need_da) else None,
             hs if need_db else None,
             out if need_dm else None,
-            f.k_col if (need_dx or need_db) else None,
+            f.k_col if need_db else None,
             f.inv if need_dm else None,
         )
         return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        x, weight, bias, at, kb, hs, y, k_col, inv = ctx.saved_tensors
+        x, wk, bias, at, kb, hs, y, k_col, inv = ctx.saved_tensors
         need_dx, _, need_dbias, need_da, need_db, need_dm = ctx.needs_input_grad[:6]
         a_dtype, b_dtype, m_dtype, m_shape = ctx.dtypes
         g = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, out)
@@ -285,14 +289,14 @@ class FusedDoraLinear(torch.autograd.Function):
         gkb = g @ kb if (need_dx or need_da) else None  # (N, out) @ (out, r) -> (N, r): (k g) B, over kb_scale / s
         if need_dx:
             dx = scaled_mm(gkb, at.t(), ctx.kb_scale)  # (N, r) @ (r, in) -> (N, in): s (k g) B A
-            dx.addmm_(g, scaled_weight(weight, k_col))  # + (k g) W: the base backward GEMM accumulates onto it
+            dx.addmm_(g, wk)  # + g (k W): the base backward GEMM accumulates onto it
             dx = dx.view(ctx.shape)
         if need_da:
             da = weight_grad(gkb, x, a_dtype, ctx.kb_scale)  # (r, N) @ (N, in) -> (r, in)
         if need_db:
             db = weight_grad(g, hs, acc, ctx.scaling).mul_(k_col)  # (out, N) @ (N, r) -> (out, r), times s k
             db = db if db.dtype == b_dtype else db.to(b_dtype)
-        if need_dm and ctx.triton:  # one read of g and y (dora_triton.triton_magnitude_grad)
+        if need_dm and ctx.triton_grad:  # one read of g and y (dora_triton.triton_magnitude_grad)
             from .dora_triton import triton_magnitude_grad
 
             dm, dbias = triton_magnitude_grad(g, y, bias, inv, need_dbias)

@@ -2,7 +2,7 @@
 
 ``triton_factors`` stands in for the torch tail of ``dora_linear.dora_factors`` (a dozen (out,)/(out, r) ops, one
 launch), ``triton_magnitude_grad`` for the magnitude's gradient in backward (one read of g and y instead of writing
-their product). ``dora_linear`` uses them on CUDA tensors when ``use_triton()`` says so; the torch path is the
+their product). ``dora_linear`` uses them on CUDA tensors as ``MODE`` says; the torch path is the
 reference, and ``tests/kernels/test_dora_triton.py`` compares the two on random inputs (skipped without CUDA).
 """
 
@@ -14,11 +14,22 @@ import torch
 
 from .switch import triton_available
 
-ENABLED = os.environ.get("LORAKIT_DORA_TRITON", "0") == "1"
-"""Module switch, off by default: ``LORAKIT_DORA_TRITON=1`` in the environment (or setting this to True) runs the
-Triton steps on CUDA. On the H200 benchmark (docs/benchmarks.md, DoRA) the whole step was host-bound and the torch
-ops gave the better median in both runs (151.4 vs 157.1 ms, 161.3 vs 191.7 ms): each Triton launch costs more host
-time than the few small torch ops it replaces at this size, though each kernel alone is faster."""
+MODES = ("0", "auto", "1")
+MODE = os.environ.get("LORAKIT_DORA_TRITON", "auto")
+"""Which steps run in Triton on CUDA (``LORAKIT_DORA_TRITON`` in the environment, or set this attribute):
+
+* ``"auto"`` (the default): the magnitude's gradient (``triton_magnitude_grad``: one read of g and y, where torch
+  writes their product and reads it again: four passes over an (N, out) tensor per layer become two); the factors
+  stay on torch, computed per group of same-shape layers (``dora_batch``: fewer launches than one Triton launch per
+  layer on a host-bound step);
+* ``"1"``: the factors too (``triton_factors``, one launch per layer instead of the batched torch ops);
+* ``"0"``: no Triton (the torch ops everywhere)."""
+
+
+def _mode() -> str:
+    if MODE not in MODES:
+        raise ValueError(f"LORAKIT_DORA_TRITON={MODE!r} is not a known setting; use one of {', '.join(MODES)}.")
+    return MODE
 
 
 def _kernels():
@@ -28,8 +39,13 @@ def _kernels():
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the fused DoRA node runs its Triton steps for activations ``x``: CUDA, Triton present, enabled."""
-    return ENABLED and x.is_cuda and triton_available()
+    """Whether the fused DoRA node computes its factors with Triton for activations ``x`` (``MODE == "1"``)."""
+    return _mode() == "1" and x.is_cuda and triton_available()
+
+
+def use_triton_grad(x: torch.Tensor) -> bool:
+    """Whether the fused DoRA node's backward takes the magnitude's gradient from Triton (``MODE`` "auto" or "1")."""
+    return _mode() != "0" and x.is_cuda and triton_available()
 
 
 def triton_factors(
