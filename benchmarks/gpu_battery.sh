@@ -3,7 +3,7 @@
 # run them as two commands, each writing its logs and markdown tables under OUT).
 #
 #   OUT=results bash benchmarks/gpu_battery.sh lora    # LoRA: training (traced), inference, layer; ~3 min
-#   OUT=results bash benchmarks/gpu_battery.sh dora    # DoRA (torch and Triton small steps); ~2 min
+#   OUT=results bash benchmarks/gpu_battery.sh dora    # DoRA (traced), then LORAKIT_DORA_TRITON modes A/B; ~3 min
 #   OUT=results bash benchmarks/gpu_battery.sh init    # init methods, all five; ~7 min
 #
 # Each step has its own timeout so that a slow one cannot take the others' time; logs are flushed line by line.
@@ -24,8 +24,8 @@ case "${1:-}" in
         ;;
     dora)
         step dora 170 python -u benchmarks/bench_dora.py --profile gpu --steps 20 --warmup 5 --trace
-        step dora_triton 90 env LORAKIT_DORA_TRITON=1 python -u benchmarks/bench_dora.py --profile gpu --steps 20 \
-            --warmup 5 --cases floor,lorakit-dora
+        step dora_ab 120 python -u benchmarks/bench_dora.py --profile gpu --steps 20 \
+            --warmup 5 --cases floor,lorakit-dora,lorakit-dora:0,lorakit-dora:1,lorakit-dora,floor
         ;;
     init)
         step init 560 python -u benchmarks/bench_init.py --profile gpu --device cuda --warmup 0 --repeats 2 --budget-s 20 \
