@@ -6,6 +6,8 @@ them (of ~4.8); this measures whether a plain Triton kernel streams them faster,
 time, before anything is wired into the library.
 
     python benchmarks/bench_skinny.py --device cuda          # H200: ~1 min incl. autotuning
+    python benchmarks/bench_skinny.py --dora                 # DoRA's magnitude gradient and one fused DoRA Linear
+                                                             # per LORAKIT_DORA_TRITON mode: device and host time
     TRITON_INTERPRET=1 python benchmarks/bench_skinny.py --check-only   # CPU: correctness of the kernels only
 """
 
@@ -160,6 +162,42 @@ def cases(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor, b: torch.Tensor) ->
     }
 
 
+def dora_costs(dev: str, n: int, r: int, reps: int) -> None:
+    """The magnitude gradient (torch ops vs the Triton kernel) and a whole fused DoRA Linear fwd + bwd per mode."""
+    from lorakit.kernels import dora_triton
+    from lorakit.kernels.dora_linear import fused_dora_linear
+
+    g = torch.Generator().manual_seed(1)
+    print("| step | width | mode | device us | host us |")
+    print("| --- | --- | --- | --- | --- |")
+    for d in (512, 2048, 5632):
+        grad = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
+        y = torch.randn(n, d, generator=g).to(dev, torch.bfloat16)
+        inv = torch.rand(d, generator=g).to(dev)
+        calls = {
+            "torch": lambda grad=grad, y=y, inv=inv: (grad * y).sum(0, dtype=torch.float32).mul_(inv),
+            "triton": lambda grad=grad, y=y, inv=inv: dora_triton.triton_magnitude_grad(grad, y, None, inv, False),
+        }
+        for mode, fn in calls.items():
+            print(f"| dm | {d} | {mode} | {device_us(fn, dev, reps):.1f} | {host_us(fn, dev, reps):.1f} |", flush=True)
+    x = torch.randn(n, 2048, generator=g).to(dev, torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(2048, 2048, generator=g) / 45).to(dev, torch.bfloat16)
+    a = (torch.randn(r, 2048, generator=g) / 45).to(dev).requires_grad_(True)
+    b = (torch.randn(2048, r, generator=g) / 45).to(dev).requires_grad_(True)
+    m = torch.rand(2048, generator=g).add(0.5).to(dev).requires_grad_(True)
+    cot = torch.randn(n, 2048, generator=g).to(dev, torch.bfloat16)
+
+    def layer() -> None:
+        out = fused_dora_linear(x, weight, None, a, b, m, 2.0)
+        torch.autograd.backward(out, cot)
+        x.grad = a.grad = b.grad = m.grad = None
+
+    for mode in dora_triton.MODES:
+        dora_triton.MODE = mode
+        cells = f"{device_us(layer, dev, reps):.1f} | {host_us(layer, dev, reps):.1f}"
+        print(f"| DoRA Linear fwd+bwd | 2048 | {mode} | {cells} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,12 +205,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--dora", action="store_true", help="DoRA's small steps instead of the rank-r GEMMs")
     args = parser.parse_args()
     dev, dtype, n, r = args.device, torch.bfloat16, args.tokens, args.rank
     if args.check_only:
         global FIXED
         n, dtype = 96, torch.float32  # the interpreter computes bfloat16 wrongly (numpy has none)
         FIXED = {"down_kernel": dict(BLOCK_M=32, BLOCK_K=32), "up_kernel": dict(BLOCK_M=32, BLOCK_N=32)}
+    if args.dora:
+        return dora_costs(dev, n, r, args.reps)
     g = torch.Generator().manual_seed(0)
     dims = [512, 2048, 5632] if not args.check_only else [40, 72]
     print(f"device={dev} tokens={n} r={r} dtype={dtype} torch={torch.__version__} triton={triton.__version__}")
