@@ -199,8 +199,8 @@ def bench(args: argparse.Namespace) -> list[Result]:
             step = make_train_step(model, ids)
         ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params)
         results.append(Result(case_label, ms, ms_min, peak, saved, loss0))
-        if args.trace and case.startswith("lorakit"):
-            trace_case(case_label, model, step, ids, device)
+        if (args.trace or args.phases) and case.startswith("lorakit"):
+            trace_case(case_label, model, ids, device, tables=args.trace)
         base = restore()
         del model, step
         gc.collect()
@@ -214,15 +214,14 @@ def bench(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def trace_case(case: str, model, step: Callable[[], float], ids: torch.Tensor, device: str) -> None:
-    """Host issue time of the step, forward/backward phase split and the top ops by device and host time."""
-    from cases.common import host_issue_ms
+def trace_case(case: str, model, ids: torch.Tensor, device: str, tables: bool) -> None:
+    """Host issue and wall time of forward and backward; with ``tables`` the top ops by device and host time."""
     from cases.training import _phases, _trace
 
-    dev = torch.device(device)
-    print(f"  {case} host issue {host_issue_ms(step, dev, 5):.1f} ms/step (wall includes the loss.item() sync)")
-    print(f"  {case} phases: " + _phases(lambda: model(input_ids=ids, labels=ids).loss, dev), flush=True)
-    _trace(model, ids, print)
+    phases = _phases(lambda: model(input_ids=ids, labels=ids).loss, torch.device(device))
+    print(f"  {case} phases: {phases}", flush=True)
+    if tables:
+        _trace(model, ids, print)
 
 
 def fmt(value: float | None) -> str:
@@ -329,7 +328,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--trace", action="store_true", help="trace the lorakit cases: host time, phases, top ops")
+    parser.add_argument("--trace", action="store_true", help="trace the lorakit cases: phases and top ops")
+    parser.add_argument("--phases", action="store_true", help="host and wall time of each lorakit case's phases")
     parser.add_argument("--layer", action="store_true", help="single-Linear micro-benchmark instead of the model")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)

@@ -96,9 +96,9 @@ def _trace(model, ids: torch.Tensor, log) -> None:
 
 
 def _phases(forward: Callable[[], torch.Tensor], device: torch.device, steps: int = 5) -> str:
-    """Median forward host issue time, forward wall time and backward wall time (ms): forward host ~ forward wall
-    means the forward waits for Python (host-bound); well below, the device is the limit."""
-    host, fwd, bwd = [], [], []
+    """Median host issue and wall times (ms) of the forward and of the backward, each started on an empty queue:
+    host ~ wall means the phase waits for Python (host-bound); well below, the device is the limit."""
+    times: dict[str, list[float]] = {"forward host": [], "forward wall": [], "backward host": [], "backward wall": []}
     for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
@@ -107,12 +107,13 @@ def _phases(forward: Callable[[], torch.Tensor], device: torch.device, steps: in
         synchronize(device)
         done = time.perf_counter()
         loss.backward()
+        back_issued = time.perf_counter()
         synchronize(device)
-        host.append(issued - start)
-        fwd.append(done - start)
-        bwd.append(time.perf_counter() - done)
-    med = [statistics.median(v) * 1e3 for v in (host, fwd, bwd)]
-    return "forward host {:.1f} ms, forward wall {:.1f} ms, backward wall {:.1f} ms".format(*med)
+        times["forward host"].append(issued - start)
+        times["forward wall"].append(done - start)
+        times["backward host"].append(back_issued - done)
+        times["backward wall"].append(time.perf_counter() - done)
+    return ", ".join(f"{name} {statistics.median(v) * 1e3:.1f} ms" for name, v in times.items())
 
 
 def _mem(gib: float | None, floor: float | None) -> str:

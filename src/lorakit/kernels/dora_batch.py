@@ -121,9 +121,8 @@ def _group_factors(members: list[tuple[tuple[int, str], tuple]], dtype: torch.dt
     wsq = torch.stack([s[1] for s in sources])  # (L, out)
     magnitude = torch.stack([s[4] for s in sources])  # (L, out)
     k_col, inv, kb = norm_tail(wa, b32, gram, wsq, magnitude, scaling, dtype, with_inverse=True)
-    factors = [
-        DoraFactors(k_col[i], inv[i], ats[i], kb[i], scaling) for i in range(len(members))
-    ]  # views into the stacks
+    # views into the stacks, one unbind per stack (an index per layer would be a dispatched op each)
+    factors = [DoraFactors(*parts, scaling) for parts in zip(k_col.unbind(0), inv.unbind(0), ats, kb.unbind(0))]
     return keys, sources, factors
 
 
