@@ -188,7 +188,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
             raise SystemExit(f"Unknown case {case!r}; cases are {', '.join(CASES)}.")
         # lorakit-dora:MODE: the case with LORAKIT_DORA_TRITON=MODE (A/B in one process); plain: the environment's
         dora_triton.MODE = mode or default_mode
-        dora_triton.use_triton_grad(ids)  # validates the mode
+        dora_triton.use_triton(ids)  # validates the mode
         case_label = f"{case}:{mode}" if mode else case
         if case == "floor":
             base.train()

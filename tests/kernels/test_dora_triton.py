@@ -87,6 +87,7 @@ def test_fused_node_with_triton_matches_the_torch_path_on_cuda(bias, mode, monke
     b = torch.randn(300, device="cuda").to(torch.bfloat16) if bias else None
     x = torch.randn(4, 64, 256, device="cuda").to(torch.bfloat16)
     results = []
+    monkeypatch.setattr(dora_triton, "GRAD_MIN_ELEMENTS", 0)  # "auto" takes the kernel at this small size too
     for setting in (mode, "0"):
         monkeypatch.setattr(dora_triton, "MODE", setting)
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b, magnitude)]
@@ -106,4 +107,24 @@ def test_fused_node_with_triton_matches_the_torch_path_on_cuda(bias, mode, monke
 def test_an_unknown_mode_names_the_settings(monkeypatch):
     monkeypatch.setattr(dora_triton, "MODE", "yes")
     with pytest.raises(ValueError, match=r"LORAKIT_DORA_TRITON='yes'.*0, auto, 1"):
-        dora_triton.use_triton_grad(torch.zeros(1))
+        dora_triton.use_triton_grad(torch.zeros(1, 4), 4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "rows", "out", "factors", "grad"),
+    [
+        ("auto", 8192, 5632, False, True),  # 46M elements: the saved passes outweigh the launch
+        ("auto", 8192, 2048, False, False),  # 16.8M: the three torch ops
+        ("1", 16, 16, True, True),
+        ("0", 8192, 5632, False, False),
+    ],
+)
+def test_modes_pick_the_triton_steps_by_setting_and_size(mode, rows, out, factors, grad, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dora_triton, "MODE", mode)
+    monkeypatch.setattr(dora_triton, "triton_available", lambda: True)
+    x = SimpleNamespace(is_cuda=True, shape=(rows, 64))
+    assert dora_triton.use_triton(x) is factors
+    assert dora_triton.use_triton_grad(x, out) is grad
+    assert dora_triton.use_triton_grad(SimpleNamespace(is_cuda=False, shape=(rows, 64)), out) is False

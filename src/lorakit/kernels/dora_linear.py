@@ -26,7 +26,7 @@ without dropout (or in eval mode) and differs only in where the work happens, as
   keeps it anyway) and (out,) vectors.
   (So an in-place op on the output, e.g. ReLU(inplace=True), makes backward raise autograd's in-place error, as the
   reference path's ``DoraLinearFunction`` did.)
-* on CUDA with Triton (``dora_triton``), dm is one read of g and y (by default), and with
+* on CUDA with Triton (``dora_triton``), dm of a large layer is one read of g and y (by default), and with
   ``LORAKIT_DORA_TRITON=1`` the norm's tail and the factors are one launch per layer instead of the batched torch
   ops.
 
@@ -264,7 +264,7 @@ class FusedDoraLinear(torch.autograd.Function):
         out, hs, wk = _forward_2d(x, weight, bias, f)
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
         ctx.bias_dtype, ctx.scaling, ctx.kb_scale = (None if bias is None else bias.dtype), scaling, f.kb_scale
-        ctx.triton_grad = need_dm and wsq.dtype == torch.float32 and use_triton_grad(x)
+        ctx.triton_grad = need_dm and wsq.dtype == torch.float32 and use_triton_grad(x, weight.shape[0])
         ctx.save_for_backward(
             x if need_da else None,
             wk if need_dx else None,

@@ -18,8 +18,9 @@ MODES = ("0", "auto", "1")
 MODE = os.environ.get("LORAKIT_DORA_TRITON", "auto")
 """Which steps run in Triton on CUDA (``LORAKIT_DORA_TRITON`` in the environment, or set this attribute):
 
-* ``"auto"`` (the default): the magnitude's gradient (``triton_magnitude_grad``: one read of g and y, where torch
-  writes their product and reads it again: four passes over an (N, out) tensor per layer become two); the factors
+* ``"auto"`` (the default): the magnitude's gradient of large layers (``triton_magnitude_grad``: one read of g and
+  y, where torch writes their product and reads it again: four passes over an (N, out) tensor become two; see
+  ``GRAD_MIN_ELEMENTS``); the factors
   stay on torch, computed per group of same-shape layers (``dora_batch``: fewer launches than one Triton launch per
   layer on a host-bound step);
 * ``"1"``: the factors too (``triton_factors``, one launch per layer instead of the batched torch ops);
@@ -43,9 +44,22 @@ def use_triton(x: torch.Tensor) -> bool:
     return _mode() == "1" and x.is_cuda and triton_available()
 
 
-def use_triton_grad(x: torch.Tensor) -> bool:
-    """Whether the fused DoRA node's backward takes the magnitude's gradient from Triton (``MODE`` "auto" or "1")."""
-    return _mode() != "0" and x.is_cuda and triton_available()
+GRAD_MIN_ELEMENTS = 1 << 25
+"""``"auto"`` takes the Triton magnitude gradient only for an (N, out) output of at least this many elements (a
+64 MiB bfloat16 tensor). Measured on the H200 (``benchmarks/bench_skinny.py --dora``): one Triton launch costs
+about 60 us of host time against about 40 us for the three torch ops, and the two passes it saves over g and y are
+worth more than that difference only from about this size (the 1.1B model's gate and up projections, 8192 x 5632)."""
+
+
+def use_triton_grad(x: torch.Tensor, out_features: int) -> bool:
+    """Whether the fused DoRA node's backward takes the magnitude's gradient from Triton for activations ``x``
+    (N, in) and ``out_features`` outputs: ``MODE`` "1", or "auto" for outputs of ``GRAD_MIN_ELEMENTS`` or more."""
+    mode = _mode()
+    if mode == "0" or not x.is_cuda:
+        return False
+    if mode == "auto" and x.shape[0] * out_features < GRAD_MIN_ELEMENTS:
+        return False
+    return triton_available()
 
 
 def triton_factors(
