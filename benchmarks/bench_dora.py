@@ -125,6 +125,24 @@ def run_case(
     return statistics.median(times), min(times), peak, saved["bytes"] / 2**30, loss0
 
 
+_DEFAULTS: dict[str, object] = {}
+
+
+def apply_setting(setting: str) -> None:
+    """A case's suffix (A/B in one process): ``MODE`` sets LORAKIT_DORA_TRITON (0, auto, 1), ``chunks=C`` the fused
+    LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``); no suffix: the defaults."""
+    from lorakit.kernels import dora_triton, lora_linear
+
+    _DEFAULTS.setdefault("mode", dora_triton.MODE)
+    _DEFAULTS.setdefault("chunks", lora_linear.WGRAD_CHUNKS)
+    dora_triton.MODE, lora_linear.WGRAD_CHUNKS = _DEFAULTS["mode"], _DEFAULTS["chunks"]
+    if setting.startswith("chunks="):
+        lora_linear.WGRAD_CHUNKS = int(setting.removeprefix("chunks="))
+    elif setting:
+        dora_triton.MODE = setting
+        dora_triton.use_triton(torch.zeros(1))  # validates the mode
+
+
 def make_train_step(model, ids: torch.Tensor) -> Callable[[], float]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -179,17 +197,12 @@ def bench(args: argparse.Namespace) -> list[Result]:
     ids = torch.randint(0, profile["vocab"], (profile["batch"], profile["seq"]), generator=g).to(device)
     print(f"profile={args.profile} {profile} device={device} dtype={dtype} torch={torch.__version__}")
     results, states = [], {}
-    from lorakit.kernels import dora_triton
-
-    default_mode = dora_triton.MODE
     for case in args.cases.split(","):
-        case, _, mode = case.partition(":")
+        case, _, setting = case.partition(":")
         if case not in CASES:
             raise SystemExit(f"Unknown case {case!r}; cases are {', '.join(CASES)}.")
-        # lorakit-dora:MODE: the case with LORAKIT_DORA_TRITON=MODE (A/B in one process); plain: the environment's
-        dora_triton.MODE = mode or default_mode
-        dora_triton.use_triton(ids)  # validates the mode
-        case_label = f"{case}:{mode}" if mode else case
+        apply_setting(setting)
+        case_label = f"{case}:{setting}" if setting else case
         if case == "floor":
             base.train()
             model, restore = base, (lambda m=base: m)
@@ -321,7 +334,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE sets LORAKIT_DORA_TRITON=MODE for that case",
+        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE or CASE:chunks=C, see apply_setting",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
