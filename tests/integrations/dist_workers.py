@@ -2,7 +2,7 @@
 
 Every run trains the same tiny Llama LoRA for STEPS AdamW steps; rank k gets rows [2k, 2k + 2) of ``batch()``, so a
 single process on the whole batch is the reference (every row has the same token count: the mean of the per-rank
-mean losses is the global mean loss).
+mean losses is the global mean loss). ``device`` "cpu" runs on gloo; "cuda" puts rank k on GPU k and runs on NCCL.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build(dtype: torch.dtype = torch.float32, dora: bool = False) -> lorakit.PeftModel:
+def build(dtype: torch.dtype = torch.float32, dora: bool = False, device: str = "cpu") -> lorakit.PeftModel:
     """A two-adapter model: ``default`` (trained, non-zero B so the first step moves A too) and ``other`` (inactive).
 
     ``dora``: ``default`` is a DoRA adapter (arXiv:2402.09353) with a trained copy of ``lm_head`` (modules_to_save)."""
@@ -41,7 +41,7 @@ def build(dtype: torch.dtype = torch.float32, dora: bool = False) -> lorakit.Pef
         for name, param in model.named_parameters():
             if "lora_B.default" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
-    return model.train()
+    return model.to(device).train()
 
 
 def batch(world: int) -> torch.Tensor:
@@ -50,6 +50,7 @@ def batch(world: int) -> torch.Tensor:
 
 def train(model: torch.nn.Module, ids: torch.Tensor) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
+    ids = ids.to(params[0].device)
     optimizer = torch.optim.AdamW(params, lr=LR)
     for _ in range(STEPS):
         loss = model(input_ids=ids, labels=ids).loss
@@ -60,14 +61,15 @@ def train(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _ddp(rank: int, world: int, out: Path) -> None:
+def _ddp(rank: int, world: int, out: Path, device: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = build()
-    ddp = DistributedDataParallel(model)  # find_unused_parameters left False on purpose: nothing trainable is unused
+    model = build(device=device)
+    # find_unused_parameters left False on purpose: nothing trainable is unused
+    ddp = DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     logged = ddp._get_ddp_logging_data()  # the reducer's view: what its buckets hold
     bucketed = {k: logged[k] for k in ("num_parameter_tensors", "total_parameter_size_bytes")}
     requires_grad = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -88,14 +90,14 @@ def _ddp(rank: int, world: int, out: Path) -> None:
     )
 
 
-def _fsdp(rank: int, world: int, out: Path) -> None:
+def _fsdp(rank: int, world: int, out: Path, device: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     from lorakit.integrations.distributed import gather_adapter_state_dict, shard_lora_model
 
-    mesh = init_device_mesh("cpu", (world,))
-    model = shard_lora_model(build(), mesh=mesh)  # fully_shard per LlamaDecoderLayer, then the root
+    mesh = init_device_mesh(device, (world,))
+    model = shard_lora_model(build(device=device), mesh=mesh)  # fully_shard per LlamaDecoderLayer, then the root
     ids = batch(world)[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
     loss = train(model, ids)
     try:  # the parameters are DTensor shards: saving them directly is refused on every rank
@@ -110,14 +112,14 @@ def _fsdp(rank: int, world: int, out: Path) -> None:
     result = {"loss": loss, "gathered_keys": sorted(adapter_sd), "full_keys": len(full_sd), "refusal": refusal}
 
     # DoRA magnitudes and a modules_to_save copy, sharded and gathered the same way
-    dora = shard_lora_model(build(dora=True), mesh=mesh)
+    dora = shard_lora_model(build(dora=True, device=device), mesh=mesh)
     train(dora, ids)
     dora.save_pretrained(
         out / "fsdp_dora_adapter", is_main_process=rank == 0, state_dict=gather_adapter_state_dict(dora)
     )
 
     # mixed dtypes: fp32 adapters on a bf16 base, sharded with no MixedPrecisionPolicy
-    mixed = shard_lora_model(build(torch.bfloat16), mesh=mesh)
+    mixed = shard_lora_model(build(torch.bfloat16, device=device), mesh=mesh)
     result["mixed_loss"] = train(mixed, ids)
     result["mixed_dtypes"] = {str(p.dtype) for n, p in mixed.named_parameters() if "lora_" in n}
     result["mixed_weights"] = {k: v for k, v in gather_adapter_state_dict(mixed, ["default"]).items() if "lora_" in k}
@@ -135,7 +137,7 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _trainer(rank: int, world: int, out: Path) -> None:
+def _trainer(rank: int, world: int, out: Path, device: str) -> None:
     """LorakitTrainer in a torchrun-like environment: the Trainer wraps the model in DDP itself."""
     import transformers
 
@@ -150,8 +152,8 @@ def _trainer(rank: int, world: int, out: Path) -> None:
         lr_scheduler_type="constant",
         weight_decay=0.01,  # torch AdamW's default, as in train()
         report_to="none",
-        use_cpu=True,
-        ddp_backend="gloo",
+        use_cpu=device == "cpu",
+        ddp_backend=BACKENDS[device],
         seed=0,
         disable_tqdm=True,
         save_strategy="no",
@@ -163,16 +165,21 @@ def _trainer(rank: int, world: int, out: Path) -> None:
     torch.save({"weights": lora_weights(model), "wrapper": wrapper}, out / f"trainer_rank{rank}.pt")
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+def worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ.update(env, WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(BACKENDS[device], rank=rank, world_size=world)
     try:
-        _ddp(rank, world, Path(out))
-        _fsdp(rank, world, Path(out))
-        _trainer(rank, world, Path(out))
+        _ddp(rank, world, Path(out), device)
+        _fsdp(rank, world, Path(out), device)
+        _trainer(rank, world, Path(out), device)
     finally:
         dist.destroy_process_group()
