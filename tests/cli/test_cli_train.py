@@ -175,7 +175,8 @@ def test_pissa_adapter_is_saved_for_the_original_base_model(model_dir, data, tmp
     from lorakit.cli.main import build_parser
 
     out = tmp_path / "pissa"
-    argv = train_argv(model_dir, data, out, "--init", "pissa", "--target-modules", "q_proj")
+    # on the CPU in float32: the reloads below run there (on a GPU machine --device auto would pick bf16 CUDA)
+    argv = train_argv(model_dir, data, out, "--init", "pissa", "--target-modules", "q_proj", "--device", "cpu")
     args = build_parser().parse_args([str(a) for a in argv])
     outcome = train.train(args)
     config = json.loads((out / "adapter_config.json").read_text())

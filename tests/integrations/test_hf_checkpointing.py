@@ -48,7 +48,11 @@ def _lora_grads(kind: str, checkpointing: dict | None, before_wrap: bool = False
     build, config, inputs = CASES[kind]
     base = build()
     if before_wrap and checkpointing is not None:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers' own method (new name)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=checkpointing)
+        else:  # transformers before the rename
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     model = lorakit.get_peft_model(base, lorakit.LoraConfig(**config))
     if checkpointing is not None and not before_wrap:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)

@@ -39,8 +39,10 @@ def _compare_logits(ours, ref, kind: str, names: list[str]) -> None:
 
 
 def _comparable(config: dict) -> dict:
-    """PEFT keeps target_modules/modules_to_save as sets (written in hash order, sometimes with repeats)."""
+    """PEFT keeps target_modules/modules_to_save as sets (written in hash order, sometimes with repeats);
+    ``peft_version`` is the writer's (lorakit writes the peft version it matches, peft its own)."""
     out = dict(config)
+    out.pop("peft_version", None)
     for key in ("target_modules", "modules_to_save"):
         if isinstance(out.get(key), list):
             out[key] = set(out[key])

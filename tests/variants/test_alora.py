@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora.variants import calculate_alora_offsets
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import lorakit
 from lorakit.alora_offsets import compute_activation, invocation_offsets
@@ -143,15 +144,21 @@ def test_generate_without_cache_adapts_the_same_tokens():
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-5, rtol=0)
 
 
+_CACHE_FIELD = next(
+    name for name in ("cache", "past_key_values") if name in CausalLMOutputWithPast.__dataclass_fields__
+)
+
+
 def test_base_model_kv_cache_of_the_prefix_is_reusable():
     """Base model on the prefix (before any invocation), then the aLoRA model on the rest with that cache: the same
     logits as the aLoRA model on the whole sequence."""
     ours, _ = _pair()
     ids = IDS[:2]
     prefix, rest = ids[:, :3], ids[:, 3:]  # both rows invoke at or after position 3
+    field = _CACHE_FIELD  # transformers >= 5.2x calls the cache ``cache``; before, ``past_key_values``
     with torch.no_grad():
-        cache = tiny_llama()(input_ids=prefix, use_cache=True).cache  # a separate base model (same weights)
-        resumed = ours(input_ids=rest, cache=cache, use_cache=True).logits
+        cache = getattr(tiny_llama()(input_ids=prefix, use_cache=True), field)  # a separate base model (same weights)
+        resumed = ours(input_ids=rest, use_cache=True, **{field: cache}).logits
     full = _logits(ours, input_ids=ids)
     torch.testing.assert_close(resumed, full[:, 3:], atol=1e-5, rtol=0)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import CONFIG_NAME, LoraConfig
+from ..config.lora_config import PEFT_COMPAT_VERSION
 from .atomic import atomic_path
 from .hub import resolve_file
 from .state_dict import AdapterKeys, adapter_state_dict, to_memory_keys
@@ -120,7 +121,7 @@ def _write_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     weights_name = SAFETENSORS_NAME if safe_serialization else BIN_NAME
     extras = _config_extras(model, config) | (overrides or {})
-    config_data = config.to_dict() | {"inference_mode": True, "peft_version": "0.21.2"} | extras
+    config_data = config.to_dict() | {"inference_mode": True, "peft_version": PEFT_COMPAT_VERSION} | extras
     with contextlib.ExitStack() as stack:
         tmp_weights = stack.enter_context(atomic_path(folder / weights_name))
         tmp_config = stack.enter_context(atomic_path(folder / CONFIG_NAME))

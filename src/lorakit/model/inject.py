@@ -43,8 +43,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-NOT_IMPLEMENTED_SETTINGS: dict[str, Callable[[LoraConfig], bool]] = {
-}
+NOT_IMPLEMENTED_SETTINGS: dict[str, Callable[[LoraConfig], bool]] = {}
 """Config settings lorakit reads and writes back but cannot apply yet; injecting such a config raises rather than
 silently training something else. A feature that lands removes its entry."""
 
