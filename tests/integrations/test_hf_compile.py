@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lorakit
+from compile_helpers import CountingBackend
 from models import MLP, tiny_llama
 
 CASES = {
@@ -23,17 +24,6 @@ CASES = {
         lambda: {"input_ids": torch.arange(1, 13).reshape(2, 6), "use_cache": False},
     ),
 }
-
-
-class CountingBackend:
-    """A dynamo backend that counts the graphs it is given and runs them eagerly."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.mark.parametrize("kind", list(CASES))

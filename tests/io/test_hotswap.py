@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compile_helpers import CountingBackend
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from models import BUILDERS, make_inputs, output_tensor
@@ -62,16 +63,6 @@ def test_hotswap_llama_with_patterns(tmp_path):
     assert model.base_model.model.model.layers[0].self_attn.v_proj.r["default"] == 2
 
 
-def _counting_backend():
-    calls = []
-
-    def backend(gm, example_inputs):
-        calls.append(gm)
-        return gm.forward
-
-    return backend, calls
-
-
 def test_prepared_compiled_hotswap_does_not_recompile(adapters):
     model = PeftModel.from_pretrained(BUILDERS["mlp"](), adapters["a"])
     reference = _out(model)
@@ -81,13 +72,13 @@ def test_prepared_compiled_hotswap_does_not_recompile(adapters):
     torch.testing.assert_close(_out(model), reference, atol=1e-6, rtol=1e-6)  # padding leaves the output as it was
 
     torch._dynamo.reset()
-    backend, calls = _counting_backend()
+    backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     torch.testing.assert_close(_out(compiled), reference, atol=1e-5, rtol=1e-5)
     for name in ("b", "c", "a"):
         hotswap_adapter(compiled, adapters[name], adapter_name="default")
         torch.testing.assert_close(_out(compiled), _fresh(adapters[name]), atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1, f"recompiled: {len(calls)} graphs"
+    assert backend.graphs == 1, f"recompiled: {backend.graphs} graphs"
     torch._dynamo.reset()
 
 
@@ -95,12 +86,12 @@ def test_unprepared_alpha_change_recompiles(adapters):
     """The control for the test above: a float scaling is baked into the graph, so a new alpha recompiles."""
     model = PeftModel.from_pretrained(BUILDERS["mlp"](), adapters["b"])
     torch._dynamo.reset()
-    backend, calls = _counting_backend()
+    backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     _out(compiled)
     hotswap_adapter(compiled, adapters["a"], adapter_name="default")  # r 4 < 8 fits, scaling 2 != 3/8
     torch.testing.assert_close(_out(compiled), _fresh(adapters["a"]), atol=1e-5, rtol=1e-5)
-    assert len(calls) == 2
+    assert backend.graphs == 2
     torch._dynamo.reset()
 
 
@@ -192,14 +183,14 @@ def test_prepared_compiled_hotswap_embedding_and_conv(tmp_path, kind, targets):
     reference = _out(model, kind)
     prepare_model_for_compiled_hotswap(model, target_rank=6)
     torch._dynamo.reset()
-    backend, calls = _counting_backend()
+    backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     torch.testing.assert_close(_out(compiled, kind), reference, atol=1e-5, rtol=1e-5)
     hotswap_adapter(compiled, second, adapter_name="default")
     torch.testing.assert_close(_out(compiled, kind), _fresh(second, kind), atol=1e-5, rtol=1e-5)
     hotswap_adapter(compiled, first, adapter_name="default")
     torch.testing.assert_close(_out(compiled, kind), reference, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1
+    assert backend.graphs == 1
     torch._dynamo.reset()
 
 

@@ -7,6 +7,7 @@ import torch
 from test_mha_layer import Attn, _x
 
 import lorakit
+from compile_helpers import CountingBackend
 from lorakit.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
 
@@ -28,17 +29,6 @@ def _fresh(folder: str) -> torch.Tensor:
     torch.manual_seed(0)
     with torch.no_grad():
         return lorakit.PeftModel.from_pretrained(Attn(), folder).eval()(_x())
-
-
-class CountingBackend:
-    """Counts the graphs dynamo hands over and runs them eagerly."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 def test_compiled_mha_model_is_one_graph_with_eager_outputs():
