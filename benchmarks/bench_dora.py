@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cases.common import llama_model
+from cases.common import causal_sdpa, llama_model
 
 PROFILES = {
     # the performance issue's model: hidden 2048, 16 layers, intermediate 5632, 32 heads, 8 kv heads, vocab 32000
@@ -56,7 +56,9 @@ class Result:
 
 
 def build_model(profile: dict, device: str, dtype: torch.dtype):
-    return llama_model(profile, device, dtype, max(2048, profile["seq"]), attn_implementation="sdpa")
+    """transformers' SDPA attention, registered under a name whose mask stays ``is_causal`` during CUDA-graph
+    capture too (``causal_sdpa``; eager steps identical to "sdpa"): every case here is causal and unpadded."""
+    return llama_model(profile, device, dtype, max(2048, profile["seq"]), attn_implementation=causal_sdpa())
 
 
 def lora_config(lib, dora: bool):
@@ -105,15 +107,17 @@ def sync(device: str) -> None:
 
 
 def run_case(
-    step: Callable[[], float], device: str, steps: int, warmup: int, params: set[int]
+    step: Callable[[], float], device: str, steps: int, warmup: int, params: set[int], reset_peak: bool = True
 ) -> tuple[float, float, float | None, float, float]:
+    """``reset_peak=False`` for a CUDA-graph step: its activations were allocated during the capture (before this
+    call), and a replay allocates nothing, so the peak must include the capture."""
     loss0 = step()  # first step: the loss of the seeded weights
     with saved_bytes_counter(params) as saved:
         step()
     for _ in range(warmup):
         step()
     sync(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and reset_peak:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -130,7 +134,8 @@ _DEFAULTS: dict[str, object] = {}
 
 def apply_setting(setting: str) -> None:
     """A case's suffix (A/B in one process): ``MODE`` sets LORAKIT_DORA_TRITON (0, auto, 1), ``chunks=C`` the fused
-    LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``); no suffix: the defaults."""
+    LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``); no suffix or ``graph`` (the step as a CUDA
+    graph, ``make_*_step(graph=True)``): the defaults."""
     from lorakit.kernels import dora_triton, lora_linear
 
     _DEFAULTS.setdefault("mode", dora_triton.MODE)
@@ -138,18 +143,28 @@ def apply_setting(setting: str) -> None:
     dora_triton.MODE, lora_linear.WGRAD_CHUNKS = _DEFAULTS["mode"], _DEFAULTS["chunks"]
     if setting.startswith("chunks="):
         lora_linear.WGRAD_CHUNKS = int(setting.removeprefix("chunks="))
-    elif setting:
+    elif setting and setting != "graph":
         dora_triton.MODE = setting
         dora_triton.use_triton(torch.zeros(1))  # validates the mode
 
 
-def make_train_step(model, ids: torch.Tensor) -> Callable[[], float]:
+def make_train_step(model, ids: torch.Tensor, graph: bool = False) -> Callable[[], float]:
+    """An AdamW step; ``graph``: forward + backward replayed as a CUDA graph (``CudaGraphStep``), AdamW eager."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    if graph:
+        from lorakit.integrations.cuda_graphs import CudaGraphStep
+
+        forward_backward = CudaGraphStep(model, {"input_ids": ids, "labels": ids})  # same tokens every step
+    else:
+
+        def forward_backward() -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        loss = forward_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
@@ -157,8 +172,15 @@ def make_train_step(model, ids: torch.Tensor) -> Callable[[], float]:
     return step
 
 
-def make_floor_step(model, ids: torch.Tensor) -> Callable[[], float]:
+def make_floor_step(model, ids: torch.Tensor, graph: bool = False) -> Callable[[], float]:
+    """Forward + backward to the input embeddings; ``graph``: as a CUDA graph (the embeddings computed once)."""
     embed = model.get_input_embeddings()
+    if graph:
+        from lorakit.integrations.cuda_graphs import CudaGraphStep
+
+        batch = {"inputs_embeds": embed(ids).detach().requires_grad_(True), "labels": ids}
+        replay = CudaGraphStep(model, batch)
+        return lambda: replay().item()
 
     def step() -> float:
         inputs = embed(ids).detach().requires_grad_(True)
@@ -203,14 +225,19 @@ def bench(args: argparse.Namespace) -> list[Result]:
             raise SystemExit(f"Unknown case {case!r}; cases are {', '.join(CASES)}.")
         apply_setting(setting)
         case_label = f"{case}:{setting}" if setting else case
+        graph = setting == "graph"
+        if graph and device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()  # the capture allocates the step's activations: count it
         if case == "floor":
             base.train()
             model, restore = base, (lambda m=base: m)
-            step = make_floor_step(base, ids)
+            step = make_floor_step(base, ids, graph)
         else:
             model, restore = wrap(case, base, states)
-            step = make_train_step(model, ids)
-        ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params)
+            step = make_train_step(model, ids, graph)
+        ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params, not graph)
+        if graph and device.startswith("cuda"):
+            saved = float("nan")  # a replay runs no autograd hooks: not measured
         results.append(Result(case_label, ms, ms_min, peak, saved, loss0))
         if (args.trace or args.phases) and case.startswith("lorakit"):
             trace_case(case_label, model, ids, device, tables=args.trace)
@@ -334,7 +361,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE or CASE:chunks=C, see apply_setting",
+        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE, CASE:chunks=C or CASE:graph, see apply_setting",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

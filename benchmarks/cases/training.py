@@ -12,6 +12,7 @@ import torch
 from .common import (
     Row,
     adapter_state,
+    causal_sdpa,
     host_issue_ms,
     peak_gib,
     reset_peak,
@@ -70,6 +71,65 @@ def _lora_step(
     peak = peak_gib(device)
     profile.setdefault("host_ms", {})[label] = host_issue_ms(step, device, profile["steps"])
     return ms, peak, losses[0].item()
+
+
+def _graph_ms(make_step: Callable[[], Callable[[], object]], profile: dict, device: torch.device, log, label: str):
+    """(median ms, peak GiB) of a step replayed as a CUDA graph (``CudaGraphStep``), or (None, None) with the reason
+    logged when the capture fails. The peak counts the capture, where the graph's activations are allocated."""
+    reset_peak(device)
+    try:
+        step = make_step()
+    except RuntimeError as error:
+        log(f"{label}: CUDA-graph capture failed: {error}")
+        return None, None
+    return time_ms(step, device, profile["steps"], profile["warmup"]), peak_gib(device)
+
+
+def _graphed_rows(base, ids: torch.Tensor, profile: dict, device: torch.device, log) -> tuple[list[Row], object]:
+    """The floor and each library's LoRA AdamW step with forward + backward replayed as one CUDA graph (AdamW
+    eager): device time alone, whatever the host CPU."""
+    from lorakit.integrations.cuda_graphs import CudaGraphStep
+
+    embed = base.get_input_embeddings()
+    base.train()
+    attention = base.config._attn_implementation
+    base.set_attn_implementation(causal_sdpa())  # the mask stays is_causal inside the capture (see causal_sdpa)
+
+    def floor_step():
+        replay = CudaGraphStep(base, {"inputs_embeds": embed(ids).detach().requires_grad_(True), "labels": ids})
+        return lambda: replay()
+
+    def train_step(model):
+        def make():
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            replay = CudaGraphStep(model, {"input_ids": ids, "labels": ids})
+
+            def step():
+                replay()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step()  # optimizer state exists before timing, as in the eager rows
+            return step
+
+        return make
+
+    floor_ms, floor_gib = _graph_ms(floor_step, profile, device, log, "floor")
+    peft_model = wrap_peft(base, 1, 0.0)
+    state = adapter_state(peft_model)
+    peft_ms, peft_gib = _graph_ms(train_step(peft_model.train()), profile, device, log, "peft")
+    base = unwrap(peft_model)
+    lk_model = wrap_lorakit(base, state, 1, 0.0)
+    lk_ms, lk_gib = _graph_ms(train_step(lk_model.train()), profile, device, log, "lorakit")
+    base = unwrap(lk_model)
+    base.set_attn_implementation(attention)
+    log(f"CUDA graph: floor {floor_ms} ms / peft {peft_ms} ms / lorakit {lk_ms} ms")
+    notes = f"peak floor {_mem(floor_gib, None)}, peft {_mem(peft_gib, floor_gib)}, lorakit {_mem(lk_gib, floor_gib)}"
+    rows = [
+        Row("training", "frozen floor, CUDA graph", floor_ms, None, None, _mem(floor_gib, None)),
+        Row("training", "LoRA step (AdamW), fwd + bwd as a CUDA graph", floor_ms, peft_ms, lk_ms, notes),
+    ]
+    return rows, base
 
 
 def _trace(model, ids: torch.Tensor, log) -> None:
@@ -151,4 +211,7 @@ def run(base, profile: dict, device: torch.device, log) -> tuple[list[Row], obje
             )
         )
         rows.append(Row("training", case, floor_ms, peft_ms, lk_ms, "; ".join(notes)))
+    if device.type == "cuda":  # elsewhere CudaGraphStep runs eagerly: nothing new to measure
+        graphed, base = _graphed_rows(base, ids, profile, device, log)
+        rows += graphed
     return rows, base
