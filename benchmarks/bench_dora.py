@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cases.common import causal_sdpa, llama_model
+from cases.common import llama_model
 
 PROFILES = {
     # the performance issue's model: hidden 2048, 16 layers, intermediate 5632, 32 heads, 8 kv heads, vocab 32000
@@ -56,9 +56,11 @@ class Result:
 
 
 def build_model(profile: dict, device: str, dtype: torch.dtype):
-    """transformers' SDPA attention, registered under a name whose mask stays ``is_causal`` during CUDA-graph
-    capture too (``causal_sdpa``; eager steps identical to "sdpa"): every case here is causal and unpadded."""
-    return llama_model(profile, device, dtype, max(2048, profile["seq"]), attn_implementation=causal_sdpa())
+    """transformers' SDPA attention under a name whose mask stays ``is_causal`` inside a CUDA-graph capture too
+    (``lorakit.integrations.causal_sdpa``; eager steps identical to "sdpa"): every case here is causal, unpadded."""
+    from lorakit.integrations.causal_sdpa import register_causal_sdpa
+
+    return llama_model(profile, device, dtype, max(2048, profile["seq"]), attn_implementation=register_causal_sdpa())
 
 
 def lora_config(lib, dora: bool):

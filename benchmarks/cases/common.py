@@ -126,30 +126,6 @@ def llama_model(shape: dict, device: torch.device | str, dtype: torch.dtype, max
         return LlamaForCausalLM(config).to(dtype)
 
 
-CAUSAL_SDPA = "lorakit_bench_causal_sdpa"
-
-
-def causal_sdpa() -> str:
-    """Register (once more is harmless) and name an attention implementation that is transformers' own SDPA
-    attention with the causal mask left to SDPA's ``is_causal`` whenever there is no padding mask.
-
-    Eager steps are identical to ``"sdpa"`` (transformers skips the mask there too). It matters inside a CUDA-graph
-    capture: transformers 5.17 counts stream capture as tracing and then builds an explicit (B, 1, T, T) mask, which
-    sends SDPA to its masked kernels (2.7x the attention time on the H200: floor 96.3 -> 112.8 ms); 5.24 skips the
-    mask there as in eager. Uses the public ``AttentionInterface`` / ``AttentionMaskInterface`` registries."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
-
-    def mask(**kwargs):
-        causal_skip = kwargs.get("allow_is_causal_skip", False) and kwargs.get("local_size") is None
-        return None if causal_skip and kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
-
-    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-    AttentionMaskInterface.register(CAUSAL_SDPA, mask)
-    return CAUSAL_SDPA
-
-
 def build_llama(profile: dict, device: torch.device):
     model = llama_model(profile, device, profile["dtype"])
     model.requires_grad_(False)

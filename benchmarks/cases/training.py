@@ -12,7 +12,6 @@ import torch
 from .common import (
     Row,
     adapter_state,
-    causal_sdpa,
     host_issue_ms,
     peak_gib,
     reset_peak,
@@ -88,12 +87,12 @@ def _graph_ms(make_step: Callable[[], Callable[[], object]], profile: dict, devi
 def _graphed_rows(base, ids: torch.Tensor, profile: dict, device: torch.device, log) -> tuple[list[Row], object]:
     """The floor and each library's LoRA AdamW step with forward + backward replayed as one CUDA graph (AdamW
     eager): device time alone, whatever the host CPU."""
+    from lorakit.integrations.causal_sdpa import use_causal_sdpa
     from lorakit.integrations.cuda_graphs import CudaGraphStep
 
     embed = base.get_input_embeddings()
     base.train()
-    attention = base.config._attn_implementation
-    base.set_attn_implementation(causal_sdpa())  # the mask stays is_causal inside the capture (see causal_sdpa)
+    attention = use_causal_sdpa(base)  # the mask stays is_causal inside the capture (integrations/causal_sdpa.py)
 
     def floor_step():
         replay = CudaGraphStep(base, {"inputs_embeds": embed(ids).detach().requires_grad_(True), "labels": ids})

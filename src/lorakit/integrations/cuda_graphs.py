@@ -23,6 +23,10 @@ What a graph requires, and how this class meets it:
   trainable parameters are the same tensors, still trainable, and that ``model.training`` is unchanged, and raises
   otherwise. Switching adapters, adding modules or changing a layer's train/eval mode needs a new step object.
 
+With transformers' SDPA attention, some transformers releases (5.17) build an explicit causal mask during the
+capture where eager runs let SDPA apply causality itself (slower attention kernels in the graph); 5.24 does not.
+``lorakit.integrations.causal_sdpa.use_causal_sdpa(model)`` keeps ``is_causal`` on any release.
+
 Dropout draws fresh random numbers on every replay (torch registers the default CUDA generator with the graph).
 ``accumulate_grad=False`` (the default) makes each call's gradients those of its batch alone, like ``zero_grad`` +
 ``backward``; ``True`` adds them onto ``.grad`` (gradient accumulation; a gradient set to None counts as zero).
