@@ -82,6 +82,20 @@ def test_batches_depend_only_on_step_seed_and_epoch(tok):
     assert first[0] != first[2], "each epoch reshuffles"
 
 
+def test_fixed_width_batches_pad_to_it_and_keep_the_rows(tok):
+    rows = encode_all([Example([(f"w{i}", False), (f" {i}", True)], f"w{i}", f" {i}") for i in range(10)], tok, 32, "t")
+    loose = batch_at(rows, 1, 4, 7, tok.pad_token_id)
+    fixed = batch_at(rows, 1, 4, 7, tok.pad_token_id, width=20)
+    n = loose["input_ids"].shape[1]
+    assert n < 20 and all(v.shape == (4, 20) for v in fixed.values())
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert fixed[key][:, :n].tolist() == loose[key].tolist()
+    assert fixed["attention_mask"][:, n:].sum() == 0 and (fixed["labels"][:, n:] == IGNORE_INDEX).all()
+    assert (fixed["input_ids"][:, n:] == tok.pad_token_id).all()
+    with pytest.raises(ValueError, match=f"width 3 is shorter than the longest row \\({n} tokens\\)"):
+        batch_at(rows, 1, 4, 7, tok.pad_token_id, width=3)
+
+
 def test_empty_and_non_object_lines(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

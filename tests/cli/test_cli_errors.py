@@ -96,3 +96,8 @@ def test_generate_and_inspect_errors(files, capsys):
     _assert_one_line_error(*run_cli(argv, capsys)[::2], "--prompt-adapter needs adapters")
     code, _, err = run_cli(["generate", "--model", files["model"]], capsys)
     _assert_one_line_error(code, err, "no prompt")
+
+
+def test_cuda_graph_without_a_gpu_names_the_device(files, capsys):
+    argv = train_argv(files["model"], files["data"], files["root"] / "o_graph", "--cuda-graph", "--device", "cpu")
+    _assert_one_line_error(*run_cli(argv, capsys)[::2], "--cuda-graph needs a CUDA device", "cpu")

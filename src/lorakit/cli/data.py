@@ -223,11 +223,15 @@ def _chunks(text: str, tokenizer: Any, max_length: int) -> list[Encoded]:
 
 
 # ---------------------------------------------------------------- batching
-def collate(rows: list[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-padded batch: input_ids, attention_mask, labels, each (B, T_max)."""
+def collate(rows: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Right-padded batch: input_ids, attention_mask, labels, each (B, T): T = ``width`` when given (a fixed shape,
+    e.g. for a CUDA-graph step), else the longest row's length."""
     import torch
 
-    width = max(len(r.input_ids) for r in rows)
+    longest = max(len(r.input_ids) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"collate: width {width} is shorter than the longest row ({longest} tokens).")
+    width = width or longest
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -247,13 +251,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def batch_at(rows: list[Encoded], step: int, batch_size: int, seed: int, pad_id: int) -> dict[str, Any]:
-    """The batch of optimiser step ``step`` (0-based); the last partial batch of an epoch is dropped."""
+def batch_at(
+    rows: list[Encoded], step: int, batch_size: int, seed: int, pad_id: int, width: int | None = None
+) -> dict[str, Any]:
+    """The batch of optimiser step ``step`` (0-based); the last partial batch of an epoch is dropped. ``width``:
+    pad to that many tokens (see ``collate``)."""
     per_epoch = max(1, len(rows) // batch_size)
     epoch, index = divmod(step, per_epoch)
     order = epoch_order(len(rows), seed, epoch)
     chosen = order[index * batch_size : (index + 1) * batch_size] or order[:batch_size]
-    return collate([rows[i] for i in chosen], pad_id)
+    return collate([rows[i] for i in chosen], pad_id, width)
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

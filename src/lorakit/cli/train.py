@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--show-examples", type=int, default=3, help="held-out generations to print before/after")
     tr.add_argument("--progress", default="auto", choices=("auto", *DISPLAYS), help="progress display")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each step's forward + backward as a CUDA graph (no host overhead per layer; CUDA only; "
+        "every batch padded to the longest training sequence)",
+    )
     add_lora_arguments(parser)
 
 
@@ -160,6 +166,7 @@ def _settings(args: argparse.Namespace, n_rows: int) -> Any:
         seed=args.seed,
         save_every=args.save_every,
         eval_every=args.eval_every,
+        cuda_graph=args.cuda_graph,
     )
 
 
@@ -212,6 +219,8 @@ def prepare(args: argparse.Namespace) -> Run:
     train_rows = encode_all(train_examples, tokenizer, max_length, "training")
     eval_rows = encode_all(eval_examples, tokenizer, max_length, "held-out") if eval_examples else []
     settings = _settings(args, len(train_rows))
+    if settings.cuda_graph and model.device.type != "cuda":
+        raise CliError(f"--cuda-graph needs a CUDA device; the model is on {model.device} (--device cuda).")
     info = {
         "model": args.model,
         "lora": lora_kwargs(args) if payload is None else payload["run"]["lora"],

@@ -33,6 +33,7 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 0
     eval_every: int = 0
+    cuda_graph: bool = False  # forward + backward replayed as a CUDA graph; batches padded to the longest row
 
 
 def learning_rate(step: int, s: TrainSettings) -> float:
@@ -89,6 +90,32 @@ class Throughput:
         return sum(t for _, t in self.samples) / total_s if total_s > 0 else 0.0
 
 
+def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict], torch.Tensor]:
+    """batch -> its loss / grad_accum, after the backward that adds its gradients: eager, or with ``cuda_graph``
+    a ``CudaGraphStep`` captured on the first batch (gradients accumulate over the micro-batches; the optimizer's
+    zero_grad(set_to_none=True) starts each step from zero)."""
+
+    def eager(batch: dict) -> torch.Tensor:
+        loss = model(**batch).loss / s.grad_accum
+        loss.backward()
+        return loss.detach()
+
+    if not s.cuda_graph:
+        return eager
+    from ..integrations.cuda_graphs import CudaGraphStep
+
+    graph: list[CudaGraphStep] = []
+
+    def replay(batch: dict) -> torch.Tensor:
+        if not graph:
+            graph.append(
+                CudaGraphStep(model, batch, loss_fn=lambda out, _: out.loss / s.grad_accum, accumulate_grad=True)
+            )
+        return graph[0](batch)
+
+    return replay
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -106,9 +133,11 @@ def train_steps(
     """Run optimiser steps from ``state.step`` to ``s.max_steps``; returns False if stopped by Ctrl-C (after
     saving a checkpoint), True when all steps ran. ``state`` is updated in place."""
     params = [p for p in model.parameters() if p.requires_grad]
+    micro_step = _micro_step(model, s)
     speed = Throughput()
     smoothed: float | None = state.losses[-1][1] if state.losses else None
     model.train()
+    width = max(len(r.input_ids) for r in rows) if s.cuda_graph else None  # one shape for every batch
     with ctrl_c_saves() as stop, progress:
         while state.step < s.max_steps:
             t0 = time.perf_counter()
@@ -117,11 +146,9 @@ def train_steps(
             loss_sum, tokens = 0.0, 0
             for micro in range(s.grad_accum):
                 batch = to_device(
-                    batch_at(rows, state.step * s.grad_accum + micro, s.batch_size, s.seed, pad_id), device
+                    batch_at(rows, state.step * s.grad_accum + micro, s.batch_size, s.seed, pad_id, width), device
                 )
-                loss = model(**batch).loss / s.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
+                loss_sum += micro_step(batch).item()
                 tokens += int(batch["attention_mask"].sum())
             if s.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
