@@ -136,14 +136,19 @@ _DEFAULTS: dict[str, object] = {}
 
 def apply_setting(setting: str) -> None:
     """A case's suffix (A/B in one process): ``MODE`` sets LORAKIT_DORA_TRITON (0, auto, 1), ``chunks=C`` the fused
-    LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``); no suffix or ``graph`` (the step as a CUDA
-    graph, ``make_*_step(graph=True)``): the defaults."""
-    from lorakit.kernels import dora_triton, lora_linear
+    LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``), ``shared=0|1`` the shared-input groups
+    (``shared_inputs.ENABLED``); no suffix or ``graph`` (the step as a CUDA graph, ``make_*_step(graph=True)``):
+    the defaults."""
+    from lorakit.kernels import dora_triton, lora_linear, shared_inputs
 
     _DEFAULTS.setdefault("mode", dora_triton.MODE)
     _DEFAULTS.setdefault("chunks", lora_linear.WGRAD_CHUNKS)
+    _DEFAULTS.setdefault("shared", shared_inputs.ENABLED)
     dora_triton.MODE, lora_linear.WGRAD_CHUNKS = _DEFAULTS["mode"], _DEFAULTS["chunks"]
-    if setting.startswith("chunks="):
+    shared_inputs.ENABLED = _DEFAULTS["shared"]
+    if setting.startswith("shared="):
+        shared_inputs.ENABLED = setting == "shared=1"
+    elif setting.startswith("chunks="):
         lora_linear.WGRAD_CHUNKS = int(setting.removeprefix("chunks="))
     elif setting and setting != "graph":
         dora_triton.MODE = setting
@@ -363,7 +368,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE, CASE:chunks=C or CASE:graph, see apply_setting",
+        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE|chunks=C|shared=0|graph (apply_setting)",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.kernels import factor_casts
+from lorakit.kernels import factor_casts, shared_inputs
 from models import tiny_llama
 from training_helpers import sgd_losses
 
@@ -18,6 +18,7 @@ def _model(seed: int = 0):
 
 
 def _train(model, ids, steps: int, batched: bool, monkeypatch) -> list[float]:
+    monkeypatch.setattr(shared_inputs, "ENABLED", False)  # grouped layers round differently in bfloat16
     if not batched:
         monkeypatch.setattr(factor_casts, "_sharded_run", lambda: True)  # the per-layer casts everywhere
     losses = sgd_losses(model, ids, steps)
@@ -65,7 +66,8 @@ def test_data_edits_between_calls_are_seen():
     torch.testing.assert_close(edited, base)
 
 
-def test_graph_of_an_earlier_call_keeps_its_casts():
+def test_graph_of_an_earlier_call_keeps_its_casts(monkeypatch):
+    monkeypatch.setattr(shared_inputs, "ENABLED", False)  # exact comparison: no bfloat16 regrouping of the sums
     model, reference = _model(), _model()
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
     model(input_ids=ids)  # remember the factors

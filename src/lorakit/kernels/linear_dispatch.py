@@ -17,6 +17,7 @@ from ..routing import current_routing
 from .adapter_stack import cast_factors
 from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_conv1d, plain_linear
 from .lora_linear import fast_lora_term, fused_call
+from .shared_inputs import shared_forward
 from .switch import fast_paths_enabled
 
 if TYPE_CHECKING:
@@ -68,15 +69,10 @@ def _base_weight(layer: Linear, base: nn.Module) -> tuple[torch.Tensor, torch.Te
     return (params["weight"].t(), params["bias"]) if plain_conv1d(base) else None
 
 
-def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """y = base(x) + s * B A dropout(x) through one fused node, or None when the reference path must run.
-
-    Args:
-        x: (..., in) in the base weight's dtype
-    Returns:
-        (..., out) or None
-    """
-    if args or kwargs or not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
+def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
+    """What the fused node needs for ``layer`` on ``x``: (name, record, weight, bias, lora_a, lora_b, p), or None
+    when the reference path must run (see the module docstring for the conditions)."""
+    if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
         return None
     if current_routing() is not None or global_hooks_present():
         return None
@@ -100,6 +96,22 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
+    return name, record, weight, bias, lora_a, lora_b, p
+
+
+def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """y = base(x) + s * B A dropout(x) through one fused node (shared with the layers that read the same x,
+    ``shared_inputs``), or None when the reference path must run.
+
+    Args:
+        x: (..., in) in the base weight's dtype
+    Returns:
+        (..., out) or None
+    """
+    plan = None if args or kwargs else fused_plan(layer, x)
+    if plan is None:
+        return None
+    name, record, weight, bias, lora_a, lora_b, p = plan
     if record.variant is not None:  # the variant's own node decides (None: its reference path); nn.Linear only
         return (
             None
@@ -110,6 +122,10 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
         torch.is_grad_enabled()
         and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
     )
+    if graph and p == 0.0:
+        shared = shared_forward(layer, x, plan, fused_plan)
+        if shared is not None:
+            return shared
     if not graph:
         lora_a, lora_b = cast_factors(layer, name, x.dtype)  # inference: cached casts of the float32 masters
     return fused_call(x, weight, bias, lora_a, lora_b, record.scaling, p, graph)

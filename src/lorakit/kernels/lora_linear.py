@@ -93,36 +93,46 @@ def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
     return torch.addmm(_ignored(left), left, right, beta=0, alpha=scale)
 
 
-def weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+def weight_grad(
+    left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, strided: bool = False
+) -> torch.Tensor:
     """scale * left^T @ right in ``dtype``, reduced over the N rows (in ``WGRAD_CHUNKS`` chunks on CUDA).
 
     Args:
-        left: (N, p); right: (N, q)
+        left: (N, p); right: (N, q); ``strided``: chunk them even when not contiguous (see chunked_weight_grad)
     Returns:
         (p, q)
     """
     if WGRAD_CHUNKS > 1 and left.is_cuda:
-        return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS, scale)
+        return chunked_weight_grad(left, right, dtype, WGRAD_CHUNKS, scale, strided)
     grad = scaled_mm(left.t(), right, scale)  # (p, N) @ (N, q): one GEMM (this runs twice per layer per step)
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def chunked_weight_grad(
-    left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, chunks: int, scale: float = 1.0
+    left: torch.Tensor,
+    right: torch.Tensor,
+    dtype: torch.dtype,
+    chunks: int,
+    scale: float = 1.0,
+    strided: bool = False,
 ) -> torch.Tensor:
     """scale * left^T @ right as a batched matmul over ``chunks`` token chunks, summed in float32 (1: one GEMM).
 
     Args:
-        left: (N, p); right: (N, q)
+        left: (N, p); right: (N, q), contiguous, or any strides with ``strided`` (column slices of a wider
+            tensor, a transposed view): splitting N is a view whatever the strides, and the batched GEMM reads
+            each chunk in place as long as one of its two strides is 1
     Returns:
         (p, q)
     """
     n = left.shape[0]
-    if chunks <= 1 or n % chunks or n < 64 * chunks or not (left.is_contiguous() and right.is_contiguous()):
+    contiguous = strided or (left.is_contiguous() and right.is_contiguous())
+    if chunks <= 1 or n % chunks or n < 64 * chunks or not contiguous:
         grad = scaled_mm(left.t(), right, scale)
         return grad if grad.dtype == dtype else grad.to(dtype)
-    left3 = left.view(chunks, n // chunks, left.shape[1])  # (C, N/C, p)
-    right3 = right.view(chunks, n // chunks, right.shape[1])  # (C, N/C, q)
+    left3 = left.unflatten(0, (chunks, n // chunks))  # (C, N/C, p)
+    right3 = right.unflatten(0, (chunks, n // chunks))  # (C, N/C, q)
     # (C, p, N/C) @ (C, N/C, q) -> (C, p, q), scaled in the accumulator, then summed over chunks in float32
     grad = torch.baddbmm(_ignored(left), left3.transpose(1, 2), right3, beta=0, alpha=scale).sum(0, dtype=torch.float32)
     return grad if grad.dtype == dtype else grad.to(dtype)
