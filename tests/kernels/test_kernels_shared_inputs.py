@@ -129,9 +129,9 @@ def test_a_member_called_on_another_input_computes_alone(monkeypatch):
     got = _step(model, x, y)  # a computes both, b is called on y: its kept output must not be used
     monkeypatch.setattr(shared_inputs, "ENABLED", False)
     want = _step(_heads(), x, y)
-    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)  # a's output: one GEMM for both heads
     for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_a_hook_on_a_member_breaks_the_group(monkeypatch):
@@ -147,7 +147,7 @@ def test_a_hook_on_a_member_breaks_the_group(monkeypatch):
     reference = _heads()
     reference.base_model.model.b.base_layer.register_forward_hook(lambda *args: None)
     want = _step(reference, x)
-    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
