@@ -161,3 +161,26 @@ def test_gradient_checkpointing_trains_as_without(monkeypatch, reentrant):
     assert "SharedInputLoraBackward" not in _node_names(model(input_ids=ids, labels=ids).loss)
     plain = sgd_losses(_model(), ids, 3)
     assert checkpointed == pytest.approx(plain, abs=1e-5)
+
+
+def test_inference_groups_under_no_grad_but_not_under_inference_mode(monkeypatch):
+    """(``generate`` calls the inner model directly, outside ``LoraModel.forward``: no model-call scope there.)"""
+    from lorakit.kernels import shared_input_linear
+
+    calls = []
+    real = shared_input_linear.shared_input_inference
+    monkeypatch.setattr(shared_inputs, "shared_input_inference", lambda *a: (calls.append(1), real(*a))[1])
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    model = _model().eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        grouped = model(input_ids=ids).logits
+    assert len(calls) == 2 * 2  # q/k/v and gate/up of both decoder layers, on the second call
+    with torch.inference_mode():
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert len(calls) == 4  # inference tensors have no version counter: never grouped
+    monkeypatch.setattr(shared_inputs, "ENABLED", False)
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+    torch.testing.assert_close(grouped, alone, atol=1e-5, rtol=1e-4)

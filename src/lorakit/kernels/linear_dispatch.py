@@ -70,8 +70,9 @@ def _base_weight(layer: Linear, base: nn.Module) -> tuple[torch.Tensor, torch.Te
 
 
 def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
-    """What the fused node needs for ``layer`` on ``x``: (name, record, weight, bias, lora_a, lora_b, p), or None
-    when the reference path must run (see the module docstring for the conditions)."""
+    """What the fused node needs for ``layer`` on ``x``: (name, record, weight, bias, lora_a, lora_b, p, graph),
+    or None when the reference path must run (see the module docstring for the conditions). ``graph``: an autograd
+    node is needed (dropout, or gradients for x or a parameter); else the plain inference ops run."""
     if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
         return None
     if current_routing() is not None or global_hooks_present():
@@ -96,7 +97,11 @@ def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
     lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
     if lora_a.device != x.device:
         return None
-    return name, record, weight, bias, lora_a, lora_b, p
+    graph = p > 0.0 or (
+        torch.is_grad_enabled()
+        and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
+    )
+    return name, record, weight, bias, lora_a, lora_b, p, graph
 
 
 def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -111,18 +116,14 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     plan = None if args or kwargs else fused_plan(layer, x)
     if plan is None:
         return None
-    name, record, weight, bias, lora_a, lora_b, p = plan
+    name, record, weight, bias, lora_a, lora_b, p, graph = plan
     if record.variant is not None:  # the variant's own node decides (None: its reference path); nn.Linear only
         return (
             None
             if layer.fan_in_fan_out
             else record.variant.fused_linear(layer, name, x, weight, bias, lora_a, lora_b, p)
         )
-    graph = p > 0.0 or (
-        torch.is_grad_enabled()
-        and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
-    )
-    if graph and p == 0.0:
+    if p == 0.0:
         shared = shared_forward(layer, x, plan, fused_plan)
         if shared is not None:
             return shared

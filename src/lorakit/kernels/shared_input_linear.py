@@ -128,3 +128,24 @@ def shared_input_lora(
     for weight, bias, lora_a, lora_b, _ in members:
         params += [weight, bias, lora_a, lora_b]
     return SharedInputLora.apply(x, tuple(float(m[4]) for m in members), *params)
+
+
+def shared_input_inference(
+    x: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]]
+) -> tuple[torch.Tensor, ...]:
+    """``shared_input_lora`` without autograd (inference), factors already in x's dtype: one GEMM for x A^T.
+
+    Args:
+        x: (..., in); members: W_i (out_i, in), b_i (out_i,) or None, A_i (r_i, in), B_i (out_i, r_i), s_i
+    Returns:
+        one (..., out_i) tensor per member
+    """
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in)
+    h = x2 @ torch.cat([m[2] for m in members]).t()  # (N, R)
+    outs, start = [], 0
+    for weight, bias, _, lora_b, scaling in members:
+        r = lora_b.shape[1]
+        out = _lora_plus_base(x2, weight, bias, h[:, start : start + r], lora_b, scaling)  # (N, out_i)
+        outs.append(out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1]))
+        start += r
+    return tuple(outs)

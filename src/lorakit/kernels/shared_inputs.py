@@ -1,19 +1,21 @@
 """Which fused LoRA Linears of a model call read the same input, and their outputs computed by one shared node.
 
 Attention's q/k/v projections and an MLP's gate/up projections are called one after the other on the very same
-tensor. Within one call of the LoRA model, every fused-eligible Linear (one plain adapter, no dropout, building the
-autograd graph) records its input; consecutive layers that got the same tensor (same object, unmodified) form a
+tensor. Within one call of the LoRA model, every fused-eligible Linear (one plain adapter, no dropout; training or
+inference) records its input; consecutive layers that got the same tensor (same object, unmodified) form a
 group, learned from the previous call of the same model, as the factor casts are (``factor_casts``). In the next call
 the group's first layer computes every member's output through ``shared_input_linear.SharedInputLora`` (one node:
 one GEMM for x A^T, one for dX's low-rank part, one weight gradient for the A's) and keeps the others' outputs for
-them; a member takes its output only when it is called with that same, unmodified tensor, and otherwise computes its
-own as before (the kept output is then simply never used and gets no gradient). A member that stopped being
+them (inference: the same shared GEMM for x A^T, without autograd); a member takes its output only when it is
+called with that same, unmodified tensor, and otherwise computes its own as before (the kept output is then simply
+never used and gets no gradient). A member that stopped being
 eligible (a hook, dropout, another adapter, a merge) breaks the group for that call: every layer computes alone.
 
 Off where the recomputation of gradient checkpointing could see a different graph: while saved-tensor hooks are
 active (non-reentrant checkpointing runs the first forward under them; the recomputation runs outside the model
 call and takes the per-layer nodes, whose saved tensors must match), and outside ``LoraModel.forward``. ``ENABLED``
-turns it off (benchmarks compare both).
+turns it off (benchmarks compare both). Inputs made under ``torch.inference_mode`` have no version counter, so an
+in-place edit between two members' calls could not be detected: they are never grouped (``no_grad`` inputs are).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .adapter_stack import cast_factors
 from .factor_casts import current
-from .shared_input_linear import shared_input_lora
+from .shared_input_linear import shared_input_inference, shared_input_lora
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -72,6 +75,8 @@ class SharedInputs:
 
     def forward(self, layer: Linear, x: torch.Tensor, plan: tuple, plan_of: Callable[[Linear, torch.Tensor], Any]):
         """``layer``'s output from its group (kept, or computed now for the whole group), else None."""
+        if x.is_inference():  # no version counter: an in-place edit between two members could not be seen
+            return None
         kept = self.kept.pop(id(layer), None)
         self._record(layer, x)
         if kept is not None:
@@ -79,16 +84,24 @@ class SharedInputs:
         members = self.groups.get(id(layer))
         if not members or saved_tensor_hooks_active():
             return None
-        plans, layers = [plan], []
+        # plan: (name, record, weight, bias, lora_a, lora_b, p, graph)
+        plans, layers = [plan], [layer]
         for ref in members:
             member = ref()
             member_plan = None if member is None else plan_of(member, x)
             if member_plan is None or member_plan[1].variant is not None or member_plan[6] != 0.0:
                 return None
+            if member_plan[7] != plan[7]:  # all through the autograd node, or all plain inference ops
+                return None
             plans.append(member_plan)
             layers.append(member)
-        # plan: (name, record, weight, bias, lora_a, lora_b, p)
-        outs = shared_input_lora(x, [(pl[2], pl[3], pl[4], pl[5], pl[1].scaling) for pl in plans])
+        if plan[7]:
+            outs = shared_input_lora(x, [(pl[2], pl[3], pl[4], pl[5], pl[1].scaling) for pl in plans])
+        else:
+            casts = [cast_factors(m, pl[0], x.dtype) for m, pl in zip(layers, plans)]  # cached per layer
+            members_ = [(pl[2], pl[3], a, b, pl[1].scaling) for pl, (a, b) in zip(plans, casts)]
+            outs = shared_input_inference(x, members_)
+        layers = layers[1:]
         for member, out in zip(layers, outs[1:]):
             self.kept[id(member)] = (x, x._version, out)
         return outs[0]
