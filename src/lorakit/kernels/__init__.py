@@ -5,10 +5,12 @@ One file per concept, each fast path beside its reference implementation:
 | file | fast path | reference |
 | --- | --- | --- |
 | ``lora_linear.py`` | ``fused_lora_linear`` (one autograd node, epilogue add) | ``reference_lora_linear`` |
+| ``shared_input_linear.py`` | ``shared_input_lora`` (one node for the layers reading one input) | per-layer nodes |
 | ``gathered.py`` | ``gathered_lora`` (gather + bmm, CPU and CUDA) | ``reference_gathered_lora`` |
 | ``sgmv_triton.py`` | ``triton_gathered_lora`` (Triton SGMV/BGMV, CUDA) | ``reference_gathered_lora`` |
 | ``adapter_stack.py`` | stacked / cast adapter caches with invalidation | — |
 | ``linear_dispatch.py``, ``mixed_dispatch.py`` | when a fast path may run (capability checks) | the layers' own paths |
+| ``shared_inputs.py`` | which layers of a model call share an input (learned per call) | — |
 
 ``use_reference()`` / ``set_reference_mode(True)`` force the reference paths (tests, debugging).
 Triton is imported lazily, only on CUDA.
