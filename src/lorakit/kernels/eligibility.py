@@ -60,3 +60,10 @@ def autocast_active(device: torch.device) -> bool:
     if _any_autocast is not None and not _any_autocast():
         return False
     return torch.is_autocast_enabled(device.type)
+
+
+def autocast_keeps_dtype(x: torch.Tensor) -> bool:
+    """Autocast on x's device computes in x's own dtype (a bfloat16 model under bfloat16 autocast, as the
+    transformers Trainer's ``bf16=True`` runs it): a fast path may run, with autocast off inside it, and give what
+    autocast would (the same dtype for every matmul)."""
+    return torch.get_autocast_dtype(x.device.type) == x.dtype

@@ -15,7 +15,14 @@ import torch.nn as nn
 
 from ..routing import current_routing
 from .adapter_stack import cast_factors
-from .eligibility import autocast_active, dropout_probability, global_hooks_present, plain_conv1d, plain_linear
+from .eligibility import (
+    autocast_active,
+    autocast_keeps_dtype,
+    dropout_probability,
+    global_hooks_present,
+    plain_conv1d,
+    plain_linear,
+)
 from .lora_linear import fast_lora_term, fused_call
 from .shared_inputs import shared_forward
 from .switch import fast_paths_enabled
@@ -85,8 +92,8 @@ def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
     weight, bias = base_params
     if x.dtype != weight.dtype or not x.dtype.is_floating_point or x.device != weight.device:
         return None
-    if autocast_active(x.device):
-        return None
+    if autocast_active(x.device) and not autocast_keeps_dtype(x):
+        return None  # autocast would cast x or W: the reference path, under autocast
     found = _single_plain_adapter(layer)
     if found is None:
         return None
@@ -116,6 +123,14 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     plan = None if args or kwargs else fused_plan(layer, x)
     if plan is None:
         return None
+    if autocast_active(x.device):  # x and W already in autocast's dtype: the nodes run as they do without it
+        with torch.autocast(x.device.type, enabled=False):
+            return _fused_run(layer, x, plan)
+    return _fused_run(layer, x, plan)
+
+
+def _fused_run(layer: Linear, x: torch.Tensor, plan: tuple) -> torch.Tensor | None:
+    """``fused_forward`` once ``plan`` is known: the variant's node, the shared-input group, or the fused node."""
     name, record, weight, bias, lora_a, lora_b, p, graph = plan
     if record.variant is not None:  # the variant's own node decides (None: its reference path); nn.Linear only
         return (

@@ -1,0 +1,62 @@
+"""Under autocast, a model already in autocast's dtype (a bfloat16 model with the transformers Trainer's bf16=True)
+keeps the fast paths: fused nodes run with autocast off inside them and give the reference path's results; a model
+autocast would cast (float32 under bfloat16 autocast) stays on the reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.kernels import use_reference
+from models import tiny_llama
+
+
+def _nodes(loss: torch.Tensor) -> set[str]:
+    seen, stack = set(), [loss.grad_fn]
+    names = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def _model(dtype: torch.dtype, use_dora: bool):
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
+    return lorakit.get_peft_model(tiny_llama().to(dtype), config).train()
+
+
+def _loss_and_grads(model, ids) -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
+    model(input_ids=ids, labels=ids)  # a first call: batched casts and shared-input groups form from the second
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    names = _nodes(loss)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, names
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_bf16_model_under_bf16_autocast_takes_the_fused_nodes(use_dora):
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = _model(torch.bfloat16, use_dora)
+    loss, grads, names = _loss_and_grads(model, ids)
+    fused = {"FusedDoraLinearBackward"} if use_dora else {"SharedInputLoraBackward", "FusedLoraLinearBackward"}
+    assert fused <= names, names
+    with use_reference():
+        ref_loss, ref_grads, ref_names = _loss_and_grads(model, ids)
+    assert not fused & ref_names
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=5e-2)  # bfloat16 end to end, other rounding order
+
+
+def test_float32_model_under_bf16_autocast_stays_on_the_reference_path():
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    _, _, names = _loss_and_grads(_model(torch.float32, False), ids)
+    assert not {"SharedInputLoraBackward", "FusedLoraLinearBackward"} & names
