@@ -137,8 +137,8 @@ _DEFAULTS: dict[str, object] = {}
 def apply_setting(setting: str) -> None:
     """A case's suffix (A/B in one process): ``MODE`` sets LORAKIT_DORA_TRITON (0, auto, 1), ``chunks=C`` the fused
     LoRA node's weight-gradient split (``lora_linear.WGRAD_CHUNKS``), ``shared=0|1`` the shared-input groups
-    (``shared_inputs.ENABLED``); no suffix or ``graph`` (the step as a CUDA graph, ``make_*_step(graph=True)``):
-    the defaults."""
+    (``shared_inputs.ENABLED``); no suffix, ``graph`` (the step as a CUDA graph, ``make_*_step(graph=True)``) or
+    ``autocast`` (the forward under bfloat16 autocast, ``make_train_step(autocast=True)``): the defaults."""
     from lorakit.kernels import dora_triton, lora_linear, shared_inputs
 
     _DEFAULTS.setdefault("mode", dora_triton.MODE)
@@ -150,13 +150,14 @@ def apply_setting(setting: str) -> None:
         shared_inputs.ENABLED = setting == "shared=1"
     elif setting.startswith("chunks="):
         lora_linear.WGRAD_CHUNKS = int(setting.removeprefix("chunks="))
-    elif setting and setting != "graph":
+    elif setting and setting not in ("graph", "autocast"):
         dora_triton.MODE = setting
         dora_triton.use_triton(torch.zeros(1))  # validates the mode
 
 
-def make_train_step(model, ids: torch.Tensor, graph: bool = False) -> Callable[[], float]:
-    """An AdamW step; ``graph``: forward + backward replayed as a CUDA graph (``CudaGraphStep``), AdamW eager."""
+def make_train_step(model, ids: torch.Tensor, graph: bool = False, autocast: bool = False) -> Callable[[], float]:
+    """An AdamW step; ``graph``: forward + backward replayed as a CUDA graph (``CudaGraphStep``), AdamW eager;
+    ``autocast``: the forward under bfloat16 autocast, as the transformers Trainer's ``bf16=True`` runs it."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     if graph:
@@ -166,7 +167,8 @@ def make_train_step(model, ids: torch.Tensor, graph: bool = False) -> Callable[[
     else:
 
         def forward_backward() -> torch.Tensor:
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             return loss
 
@@ -241,7 +243,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
             step = make_floor_step(base, ids, graph)
         else:
             model, restore = wrap(case, base, states)
-            step = make_train_step(model, ids, graph)
+            step = make_train_step(model, ids, graph, autocast=setting == "autocast")
         ms, ms_min, peak, saved, loss0 = run_case(step, device, args.steps, args.warmup, params, not graph)
         if graph and device.startswith("cuda"):
             saved = float("nan")  # a replay runs no autograd hooks: not measured
@@ -368,7 +370,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE|chunks=C|shared=0|graph (apply_setting)",
+        help=f"comma-separated subset of {', '.join(CASES)}; CASE:MODE|chunks=C|shared=0|graph|autocast",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

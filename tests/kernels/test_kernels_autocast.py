@@ -11,6 +11,8 @@ import lorakit
 from lorakit.kernels import use_reference
 from models import tiny_llama
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _nodes(loss: torch.Tensor) -> set[str]:
     seen, stack = set(), [loss.grad_fn]
@@ -25,14 +27,14 @@ def _nodes(loss: torch.Tensor) -> set[str]:
     return names
 
 
-def _model(dtype: torch.dtype, use_dora: bool):
+def _model(dtype: torch.dtype, use_dora: bool, device: str = "cpu"):
     config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
-    return lorakit.get_peft_model(tiny_llama().to(dtype), config).train()
+    return lorakit.get_peft_model(tiny_llama().to(device=device, dtype=dtype), config).train()
 
 
 def _loss_and_grads(model, ids) -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
     model(input_ids=ids, labels=ids)  # a first call: batched casts and shared-input groups form from the second
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     names = _nodes(loss)
     loss.backward()
@@ -41,10 +43,11 @@ def _loss_and_grads(model, ids) -> tuple[torch.Tensor, list[torch.Tensor], set[s
     return loss.detach(), grads, names
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_bf16_model_under_bf16_autocast_takes_the_fused_nodes(use_dora):
-    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
-    model = _model(torch.bfloat16, use_dora)
+def test_bf16_model_under_bf16_autocast_takes_the_fused_nodes(use_dora, device):
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0)).to(device)
+    model = _model(torch.bfloat16, use_dora, device)
     loss, grads, names = _loss_and_grads(model, ids)
     fused = {"FusedDoraLinearBackward"} if use_dora else {"SharedInputLoraBackward", "FusedLoraLinearBackward"}
     assert fused <= names, names
@@ -56,7 +59,8 @@ def test_bf16_model_under_bf16_autocast_takes_the_fused_nodes(use_dora):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=5e-2)  # bfloat16 end to end, other rounding order
 
 
-def test_float32_model_under_bf16_autocast_stays_on_the_reference_path():
-    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
-    _, _, names = _loss_and_grads(_model(torch.float32, False), ids)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_model_under_bf16_autocast_stays_on_the_reference_path(device):
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1)).to(device)
+    _, _, names = _loss_and_grads(_model(torch.float32, False, device), ids)
     assert not {"SharedInputLoraBackward", "FusedLoraLinearBackward"} & names
