@@ -123,10 +123,16 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     plan = None if args or kwargs else fused_plan(layer, x)
     if plan is None:
         return None
-    if autocast_active(x.device):  # x and W already in autocast's dtype: the nodes run as they do without it
-        with torch.autocast(x.device.type, enabled=False):
-            return _fused_run(layer, x, plan)
-    return _fused_run(layer, x, plan)
+    if not autocast_active(x.device):
+        return _fused_run(layer, x, plan)
+    # x and W already in autocast's dtype: the nodes run as they do without it. Switched off and on directly
+    # (0.4 us per layer) rather than through a nested ``torch.autocast(enabled=False)`` (2 us)
+    device = x.device.type
+    torch.set_autocast_enabled(device, False)
+    try:
+        return _fused_run(layer, x, plan)
+    finally:
+        torch.set_autocast_enabled(device, True)
 
 
 def _fused_run(layer: Linear, x: torch.Tensor, plan: tuple) -> torch.Tensor | None:
