@@ -7,10 +7,15 @@ repacks 4-bit weights on the first no-grad forward and that repacking needs whol
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import torch
+
+# where the quantised models live: "cpu" in CI; LORAKIT_BNB_TEST_DEVICE=cuda runs the same tests on bitsandbytes'
+# CUDA kernels (a GPU machine with bitsandbytes installed)
+DEVICE = os.environ.get("LORAKIT_BNB_TEST_DEVICE", "cpu")
 
 LLAMA64 = dict(
     vocab_size=96,
@@ -44,7 +49,7 @@ def save_llama64(tmp_path_factory) -> Path:
 
 
 def load_quantised(path, bits: str, **overrides):
-    """The saved tiny Llama loaded on CPU through transformers' BitsAndBytesConfig ("4bit" or "8bit")."""
+    """The saved tiny Llama loaded on ``DEVICE`` through transformers' BitsAndBytesConfig ("4bit" or "8bit")."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     settings = {**QUANTISATION[bits], **overrides}
@@ -52,12 +57,13 @@ def load_quantised(path, bits: str, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu", dtype=dtype
+            path, quantization_config=BitsAndBytesConfig(**settings), device_map=DEVICE, dtype=dtype
         )
 
 
 def token_ids(batch: int = 2, length: int = 9, seed: int = 3) -> torch.Tensor:
-    return torch.randint(0, LLAMA64["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, LLAMA64["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(DEVICE)
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:

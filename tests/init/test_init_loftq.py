@@ -14,6 +14,7 @@ import peft  # noqa: E402
 
 import lorakit  # noqa: E402
 from bnb_helpers import (  # noqa: E402
+    DEVICE,
     load_quantised,
     lora_state,
     save_llama64,
@@ -68,8 +69,8 @@ def test_loftq_model_reloaded_in_4_bits_keeps_its_base_and_beats_plain_quantisat
     original model than the 4-bit model with a zero adapter."""
     ids = token_ids()
     with torch.no_grad():
-        expected = tiny_llama64()(ids).logits
-    model = lorakit.get_peft_model(tiny_llama64(), _loftq_config(target_modules="all-linear")).train()
+        expected = tiny_llama64().to(DEVICE)(ids).logits
+    model = lorakit.get_peft_model(tiny_llama64().to(DEVICE), _loftq_config(target_modules="all-linear")).train()
     with torch.no_grad():
         loftq_logits = model(ids).logits
     float_bases = {n: m.get_base_layer().weight.detach().clone() for n, m in _layers(model).items()}

@@ -15,6 +15,7 @@ import peft  # noqa: E402
 
 import lorakit  # noqa: E402
 from bnb_helpers import (  # noqa: E402
+    DEVICE,
     LLAMA_TARGETS,
     assert_same_training_step,
     load_quantised,
@@ -80,7 +81,7 @@ def test_adapter_term_runs_in_the_adapter_dtype(llama64_dir):
     ours = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
-    x = torch.randn(3, 64).to(torch.bfloat16)
+    x = torch.randn(3, 64).to(DEVICE, torch.bfloat16)
     with torch.no_grad():
         expected = layer.base_layer(x) + layer._reference_term("default", x).to(torch.bfloat16)
         assert layer(x).dtype == torch.bfloat16
@@ -128,7 +129,7 @@ def test_merge_requantises_within_the_quantisation_error(llama64_dir, bits):
     ours, _ = _pair(llama64_dir, bits)
     ours.train()  # bitsandbytes' plain dequantising matmul on CPU
     layer = ours.base_model.model.model.layers[0].mlp.down_proj
-    x = torch.randn(5, layer.in_features).half().float()
+    x = torch.randn(5, layer.in_features).half().float().to(DEVICE)
     before = layer.base_weight_2d()
     target = before + layer.get_delta_weight("default")
     with torch.no_grad():
@@ -156,6 +157,7 @@ def test_merge_and_unload_equals_peft(llama64_dir, bits):
         torch.testing.assert_close(merged_ours(ids).logits, merged_ref(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="bitsandbytes repacks 4-bit weights on CPUs only")
 def test_merge_after_cpu_inference_reads_the_repacked_weight(llama64_dir):
     """bitsandbytes repacks 4-bit weights in place on the first no-grad forward on AVX512-BF16 CPUs (absmax kept
     in bfloat16); merging afterwards must dequantise the repacked layout, not misread it."""
