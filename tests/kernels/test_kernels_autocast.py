@@ -10,21 +10,9 @@ import torch
 import lorakit
 from lorakit.kernels import use_reference
 from models import tiny_llama
+from training_helpers import autograd_node_names
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _nodes(loss: torch.Tensor) -> set[str]:
-    seen, stack = set(), [loss.grad_fn]
-    names = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
 
 
 def _model(dtype: torch.dtype, use_dora: bool, device: str = "cpu"):
@@ -36,7 +24,7 @@ def _loss_and_grads(model, ids) -> tuple[torch.Tensor, list[torch.Tensor], set[s
     model(input_ids=ids, labels=ids)  # a first call: batched casts and shared-input groups form from the second
     with torch.autocast(ids.device.type, dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
-    names = _nodes(loss)
+    names = set(autograd_node_names(loss))
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from lorakit.kernels import shared_inputs
 from lorakit.kernels.lora_linear import fused_lora_linear
 from lorakit.kernels.shared_input_linear import shared_input_lora
 from models import tiny_llama
-from training_helpers import sgd_losses
+from training_helpers import autograd_node_names, sgd_losses
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -69,23 +69,11 @@ def _model(seed: int = 0):
     return lorakit.get_peft_model(tiny_llama(seed), config).train()
 
 
-def _node_names(loss: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
-
-
 def test_groups_form_from_the_second_call_and_train_the_same(monkeypatch):
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     model = _model()
-    first = _node_names(model(input_ids=ids, labels=ids).loss)
-    second = _node_names(model(input_ids=ids, labels=ids).loss)
+    first = autograd_node_names(model(input_ids=ids, labels=ids).loss)
+    second = autograd_node_names(model(input_ids=ids, labels=ids).loss)
     assert first.count("SharedInputLoraBackward") == 0  # nothing learned yet
     assert second.count("SharedInputLoraBackward") == 2 * 2  # q/k/v and gate/up in each of the 2 decoder layers
     assert second.count("FusedLoraLinearBackward") == 2 * 2  # o_proj, down_proj alone
@@ -124,7 +112,7 @@ def test_a_member_called_on_another_input_computes_alone(monkeypatch):
     x, y = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     model = _heads()
     _step(model, x)  # learns the group (a, b)
-    grouped_names = _node_names(model(x).sum())
+    grouped_names = autograd_node_names(model(x).sum())
     assert "SharedInputLoraBackward" in grouped_names
     got = _step(model, x, y)  # a computes both, b is called on y: its kept output must not be used
     monkeypatch.setattr(shared_inputs, "ENABLED", False)
@@ -142,7 +130,7 @@ def test_a_hook_on_a_member_breaks_the_group(monkeypatch):
     model.base_model.model.b.base_layer.register_forward_hook(lambda *args: calls.append(1))
     got = _step(model, x)
     assert calls == [1]  # the member ran its own (reference) path, hook included
-    assert "SharedInputLoraBackward" not in _node_names(model(x).sum())
+    assert "SharedInputLoraBackward" not in autograd_node_names(model(x).sum())
     monkeypatch.setattr(shared_inputs, "ENABLED", False)
     reference = _heads()
     reference.base_model.model.b.base_layer.register_forward_hook(lambda *args: None)
@@ -158,7 +146,7 @@ def test_gradient_checkpointing_trains_as_without(monkeypatch, reentrant):
     if reentrant:
         model.enable_input_require_grads()
     checkpointed = sgd_losses(model, ids, 3)
-    assert "SharedInputLoraBackward" not in _node_names(model(input_ids=ids, labels=ids).loss)
+    assert "SharedInputLoraBackward" not in autograd_node_names(model(input_ids=ids, labels=ids).loss)
     plain = sgd_losses(_model(), ids, 3)
     assert checkpointed == pytest.approx(plain, abs=1e-5)
 

@@ -37,6 +37,20 @@ def _in_dtype(param: torch.Tensor, dtype: torch.dtype, batch: factor_casts.Facto
     return batch.cast(param, dtype) if batch is not None else param.detach().to(dtype)
 
 
+Member = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]  # (W, b, A, B, s)
+
+
+def _member_outputs(shape: torch.Size, x2: torch.Tensor, h: torch.Tensor, weights, biases, bs, scalings) -> list:
+    """y_i = s_i h_i B_i^T (+ b_i) + x W_i^T for each member, h_i the member's columns of h (N, R); (..., out_i)."""
+    outs, start = [], 0
+    for weight, bias, b, scaling in zip(weights, biases, bs, scalings):
+        r = b.shape[1]
+        out = _lora_plus_base(x2, weight, bias, h[:, start : start + r], b, scaling)  # (N, out_i)
+        outs.append(out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1]))
+        start += r
+    return outs
+
+
 class SharedInputLora(torch.autograd.Function):
     """The group node; see the module docstring. ``params`` holds (W_i, b_i, A_i, B_i) for each member."""
 
@@ -52,11 +66,7 @@ class SharedInputLora(torch.autograd.Function):
         bs = [_in_dtype(b, x.dtype, batch) for b in lora_bs]  # (out_i, r_i) each
         ranks = [a.shape[0] for a in lora_as]
         h = x2 @ a_cat.t()  # (N, R): one read of x for every member
-        outs, start = [], 0
-        for weight, bias, b, scaling, r in zip(weights, biases, bs, scalings, ranks):
-            out = _lora_plus_base(x2, weight, bias, h[:, start : start + r], b, scaling)  # (N, out_i)
-            outs.append(out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1]))
-            start += r
+        outs = _member_outputs(shape, x2, h, weights, biases, bs, scalings)
         member_needs = [needs[2 + PER_MEMBER * i : 2 + PER_MEMBER * (i + 1)] for i in range(len(ranks))]
         need_dx, need_da = needs[0], any(n[2] for n in member_needs)
         need_x = need_da or any(n[0] for n in member_needs)
@@ -114,9 +124,7 @@ class SharedInputLora(torch.autograd.Function):
         return dx, None, *grads
 
 
-def shared_input_lora(
-    x: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]]
-) -> tuple[torch.Tensor, ...]:
+def shared_input_lora(x: torch.Tensor, members: list[Member]) -> tuple[torch.Tensor, ...]:
     """y_i = x W_i^T + b_i + s_i B_i A_i x for every member (weight, bias, lora_a, lora_b, scaling), one node.
 
     Args:
@@ -130,22 +138,9 @@ def shared_input_lora(
     return SharedInputLora.apply(x, tuple(float(m[4]) for m in members), *params)
 
 
-def shared_input_inference(
-    x: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]]
-) -> tuple[torch.Tensor, ...]:
-    """``shared_input_lora`` without autograd (inference), factors already in x's dtype: one GEMM for x A^T.
-
-    Args:
-        x: (..., in); members: W_i (out_i, in), b_i (out_i,) or None, A_i (r_i, in), B_i (out_i, r_i), s_i
-    Returns:
-        one (..., out_i) tensor per member
-    """
+def shared_input_inference(x: torch.Tensor, members: list[Member]) -> tuple[torch.Tensor, ...]:
+    """``shared_input_lora`` without autograd (inference; factors already in x's dtype), same shapes."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in)
     h = x2 @ torch.cat([m[2] for m in members]).t()  # (N, R)
-    outs, start = [], 0
-    for weight, bias, _, lora_b, scaling in members:
-        r = lora_b.shape[1]
-        out = _lora_plus_base(x2, weight, bias, h[:, start : start + r], lora_b, scaling)  # (N, out_i)
-        outs.append(out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1]))
-        start += r
-    return tuple(outs)
+    weights, biases, _, bs, scalings = zip(*members)
+    return tuple(_member_outputs(x.shape, x2, h, weights, biases, bs, scalings))
