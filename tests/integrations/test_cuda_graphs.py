@@ -144,6 +144,13 @@ def test_changed_model_raises(device):
         step(_batch(1, device))
 
 
+def test_multi_process_runs_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match="with 2 processes, DDP's or FSDP's per-step synchronisation"):
+        CudaGraphStep(_model("cpu"), _batch(0, "cpu"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_dropout_draws_fresh_masks_on_every_replay():
     model = _model("cuda", dropout=0.5)

@@ -30,7 +30,8 @@ capture where eager runs let SDPA apply causality itself (slower attention kerne
 Dropout draws fresh random numbers on every replay (torch registers the default CUDA generator with the graph).
 ``accumulate_grad=False`` (the default) makes each call's gradients those of its batch alone, like ``zero_grad`` +
 ``backward``; ``True`` adds them onto ``.grad`` (gradient accumulation; a gradient set to None counts as zero).
-On any device other than CUDA the step runs eagerly with the same interface and semantics.
+On any device other than CUDA the step runs eagerly with the same interface and semantics. Multi-process runs
+(DDP, FSDP) are refused: their synchronisation is host work in every step, which a replay skips.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def _static_copy(value: Any) -> Any:
     return value.detach().clone().requires_grad_(value.requires_grad)
 
 
+def _refuse_distributed(model: nn.Module) -> None:
+    """DDP and FSDP run host-side logic in every step (bucketing and all-reduce launches, gathering and freeing
+    shards) that a replay would skip: gradients would silently stop being synchronised. Refused, by name."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"CudaGraphStep replays one process's kernels; with {dist.get_world_size()} processes, DDP's or FSDP's "
+            f"per-step synchronisation of {type(model).__name__} would be skipped by the replay. Train eagerly there "
+            "(docs/distributed.md)."
+        )
+
+
 class CudaGraphStep:
     """Forward + backward of ``model(**batch)``'s loss, captured as one CUDA graph (eager off CUDA)."""
 
@@ -89,6 +102,7 @@ class CudaGraphStep:
             accumulate_grad: add each call's gradients onto ``.grad`` instead of replacing them
             warmup_steps: eager steps before the capture (at least 1: cuBLAS and autograd set up outside it)
         """
+        _refuse_distributed(model)
         self.model = model
         self.loss_fn = loss_fn
         self.accumulate_grad = accumulate_grad
