@@ -8,7 +8,7 @@ Each returns None where it does not apply, and the layer then runs its reference
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -76,10 +76,24 @@ def _base_weight(layer: Linear, base: nn.Module) -> tuple[torch.Tensor, torch.Te
     return (params["weight"].t(), params["bias"]) if plain_conv1d(base) else None
 
 
-def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
-    """What the fused node needs for ``layer`` on ``x``: (name, record, weight, bias, lora_a, lora_b, p, graph),
-    or None when the reference path must run (see the module docstring for the conditions). ``graph``: an autograd
-    node is needed (dropout, or gradients for x or a parameter); else the plain inference ops run."""
+class FusedPlan(NamedTuple):
+    """What the fused node needs for one layer and input: the active adapter's ``name`` and ``record``, the base
+    ``weight`` (out, in) and ``bias``, the factors ``lora_a`` (r, in) and ``lora_b`` (out, r), the dropout ``p``, and
+    ``graph``: an autograd node is needed (dropout, or gradients for x or a parameter); else plain inference ops."""
+
+    name: str
+    record: AdapterRecord
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    p: float
+    graph: bool
+
+
+def fused_plan(layer: Linear, x: torch.Tensor) -> FusedPlan | None:
+    """``layer``'s ``FusedPlan`` on ``x``, or None when the reference path must run (the module docstring lists
+    the conditions)."""
     if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
         return None
     if current_routing() is not None or global_hooks_present():
@@ -108,7 +122,7 @@ def fused_plan(layer: Linear, x: torch.Tensor) -> tuple | None:
         torch.is_grad_enabled()
         and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)
     )
-    return name, record, weight, bias, lora_a, lora_b, p, graph
+    return FusedPlan(name, record, weight, bias, lora_a, lora_b, p, graph)
 
 
 def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -135,7 +149,7 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
         torch.set_autocast_enabled(device, True)
 
 
-def _fused_run(layer: Linear, x: torch.Tensor, plan: tuple) -> torch.Tensor | None:
+def _fused_run(layer: Linear, x: torch.Tensor, plan: FusedPlan) -> torch.Tensor | None:
     """``fused_forward`` once ``plan`` is known: the variant's node, the shared-input group, or the fused node."""
     name, record, weight, bias, lora_a, lora_b, p, graph = plan
     if record.variant is not None:  # the variant's own node decides (None: its reference path); nn.Linear only

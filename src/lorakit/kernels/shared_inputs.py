@@ -32,6 +32,7 @@ from .shared_input_linear import shared_input_inference, shared_input_lora
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
+    from .linear_dispatch import FusedPlan
 
 ENABLED = True
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -73,7 +74,7 @@ class SharedInputs:
         self._close_run()
         self.run, self.last = [layer], (x, x._version)
 
-    def forward(self, layer: Linear, x: torch.Tensor, plan: tuple, plan_of: Callable[[Linear, torch.Tensor], Any]):
+    def forward(self, layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable[[Linear, torch.Tensor], Any]):
         """``layer``'s output from its group (kept, or computed now for the whole group), else None."""
         if x.is_inference():  # no version counter: an in-place edit between two members could not be seen
             return None
@@ -84,30 +85,27 @@ class SharedInputs:
         members = self.groups.get(id(layer))
         if not members or saved_tensor_hooks_active():
             return None
-        # plan: (name, record, weight, bias, lora_a, lora_b, p, graph)
         plans, layers = [plan], [layer]
         for ref in members:
             member = ref()
-            member_plan = None if member is None else plan_of(member, x)
-            if member_plan is None or member_plan[1].variant is not None or member_plan[6] != 0.0:
-                return None
-            if member_plan[7] != plan[7]:  # all through the autograd node, or all plain inference ops
-                return None
-            plans.append(member_plan)
+            other = None if member is None else plan_of(member, x)
+            if other is None or other.record.variant is not None or other.p != 0.0 or other.graph != plan.graph:
+                return None  # all plain LoRA without dropout, all through the node or all plain inference ops
+            plans.append(other)
             layers.append(member)
-        if plan[7]:
-            outs = shared_input_lora(x, [(pl[2], pl[3], pl[4], pl[5], pl[1].scaling) for pl in plans])
+        if plan.graph:
+            outs = shared_input_lora(x, [(q.weight, q.bias, q.lora_a, q.lora_b, q.record.scaling) for q in plans])
         else:
-            casts = [cast_factors(m, pl[0], x.dtype) for m, pl in zip(layers, plans)]  # cached per layer
-            members_ = [(pl[2], pl[3], a, b, pl[1].scaling) for pl, (a, b) in zip(plans, casts)]
-            outs = shared_input_inference(x, members_)
+            casts = [cast_factors(m, q.name, x.dtype) for m, q in zip(layers, plans)]  # cached per layer
+            cast_members = [(q.weight, q.bias, a, b, q.record.scaling) for q, (a, b) in zip(plans, casts)]
+            outs = shared_input_inference(x, cast_members)
         layers = layers[1:]
         for member, out in zip(layers, outs[1:]):
             self.kept[id(member)] = (x, x._version, out)
         return outs[0]
 
 
-def shared_forward(layer: Linear, x: torch.Tensor, plan: tuple, plan_of: Callable) -> torch.Tensor | None:
+def shared_forward(layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable) -> torch.Tensor | None:
     """``layer``'s output through its shared-input group in this model call, or None (compute it alone)."""
     if not ENABLED:
         return None
