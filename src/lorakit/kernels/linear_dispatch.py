@@ -24,7 +24,7 @@ from .eligibility import (
     plain_linear,
 )
 from .lora_linear import fast_lora_term, fused_call
-from .shared_inputs import shared_forward
+from .shared_inputs import kept_output, shared_forward
 from .switch import fast_paths_enabled
 
 if TYPE_CHECKING:
@@ -134,7 +134,12 @@ def fused_forward(layer: Linear, x: torch.Tensor, args: tuple, kwargs: dict[str,
     Returns:
         (..., out) or None
     """
-    plan = None if args or kwargs else fused_plan(layer, x)
+    if args or kwargs:
+        return None
+    kept = kept_output(layer, x)  # computed by the first layer of its shared-input group, which checked this one
+    if kept is not None:
+        return kept
+    plan = fused_plan(layer, x)
     if plan is None:
         return None
     if not autocast_active(x.device):

@@ -138,9 +138,13 @@ def shared_input_lora(x: torch.Tensor, members: list[Member]) -> tuple[torch.Ten
     return SharedInputLora.apply(x, tuple(float(m[4]) for m in members), *params)
 
 
-def shared_input_inference(x: torch.Tensor, members: list[Member]) -> tuple[torch.Tensor, ...]:
-    """``shared_input_lora`` without autograd (inference; factors already in x's dtype), same shapes."""
+def shared_input_inference(
+    x: torch.Tensor, members: list[Member], a_cat: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``shared_input_lora`` without autograd (inference; factors already in x's dtype), same shapes; ``a_cat``:
+    the members' A concatenated (R, in) when the caller keeps it."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in)
-    h = x2 @ torch.cat([m[2] for m in members]).t()  # (N, R)
+    a_cat = torch.cat([m[2] for m in members]) if a_cat is None else a_cat
+    h = x2 @ a_cat.t()  # (N, R)
     weights, biases, _, bs, scalings = zip(*members)
     return tuple(_member_outputs(x.shape, x2, h, weights, biases, bs, scalings))

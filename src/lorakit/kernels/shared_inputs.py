@@ -48,6 +48,8 @@ class SharedInputs:
 
     def __init__(self) -> None:
         self.groups: dict[int, list[weakref.ref]] = {}  # id(first layer) -> the other members, in call order
+        # inference: id(first layer) -> (the members' cached A casts, their concatenation), reused while they last
+        self.inference_a: dict[int, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self.begin()
 
     def begin(self) -> None:
@@ -74,14 +76,20 @@ class SharedInputs:
         self._close_run()
         self.run, self.last = [layer], (x, x._version)
 
+    def take(self, layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """The output ``layer``'s group computed for it moments ago, if it was for this very, unmodified x (the
+        leader checked then that ``layer`` may take the fused path on x); else None, and a stale entry is dropped."""
+        kept = self.kept.pop(id(layer), None)
+        if kept is None or kept[0] is not x or kept[1] != x._version:
+            return None
+        self._record(layer, x)
+        return kept[2]
+
     def forward(self, layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable[[Linear, torch.Tensor], Any]):
-        """``layer``'s output from its group (kept, or computed now for the whole group), else None."""
+        """``layer``'s output computed now with its whole group (the others' outputs kept for them), else None."""
         if x.is_inference():  # no version counter: an in-place edit between two members could not be seen
             return None
-        kept = self.kept.pop(id(layer), None)
         self._record(layer, x)
-        if kept is not None:
-            return kept[2] if kept[0] is x and kept[1] == x._version else None
         members = self.groups.get(id(layer))
         if not members or saved_tensor_hooks_active():
             return None
@@ -98,21 +106,40 @@ class SharedInputs:
         else:
             casts = [cast_factors(m, q.name, x.dtype) for m, q in zip(layers, plans)]  # cached per layer
             cast_members = [(q.weight, q.bias, a, b, q.record.scaling) for q, (a, b) in zip(plans, casts)]
-            outs = shared_input_inference(x, cast_members)
+            outs = shared_input_inference(x, cast_members, self._inference_a(id(layer), [a for a, _ in casts]))
         layers = layers[1:]
         for member, out in zip(layers, outs[1:]):
             self.kept[id(member)] = (x, x._version, out)
         return outs[0]
 
+    def _inference_a(self, key: int, casts: list[torch.Tensor]) -> torch.Tensor:
+        """The members' A casts concatenated (R, in), made again only when a cast changed (cast_factors)."""
+        hit = self.inference_a.get(key)
+        if hit is None or len(hit[0]) != len(casts) or any(a is not b for a, b in zip(hit[0], casts)):
+            hit = self.inference_a[key] = (tuple(casts), torch.cat(casts))
+        return hit[1]
 
-def shared_forward(layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable) -> torch.Tensor | None:
-    """``layer``'s output through its shared-input group in this model call, or None (compute it alone)."""
+
+def _shared(create: bool) -> SharedInputs | None:
+    """The shared-input state of the model call in progress (created on first use), or None outside one."""
     if not ENABLED:
         return None
     casts = current()
     if casts is None:
         return None
     shared = casts.extensions.get("shared")
-    if shared is None:
+    if shared is None and create:
         shared = casts.extensions["shared"] = SharedInputs()
-    return shared.forward(layer, x, plan, plan_of)
+    return shared
+
+
+def kept_output(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s output, computed by its group's first layer in this model call for this very x, or None."""
+    shared = _shared(create=False)
+    return None if shared is None or not shared.kept else shared.take(layer, x)
+
+
+def shared_forward(layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable) -> torch.Tensor | None:
+    """``layer``'s output computed with its shared-input group in this model call, or None (compute it alone)."""
+    shared = _shared(create=True)
+    return None if shared is None else shared.forward(layer, x, plan, plan_of)
