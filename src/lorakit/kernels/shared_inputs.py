@@ -8,8 +8,10 @@ the group's first layer computes every member's output through ``shared_input_li
 one GEMM for x A^T, one for dX's low-rank part, one weight gradient for the A's) and keeps the others' outputs for
 them (inference: the same shared GEMM for x A^T, without autograd); a member takes its output only when it is
 called with that same, unmodified tensor, and otherwise computes its own as before (the kept output is then simply
-never used and gets no gradient). A member that stopped being
-eligible (a hook, dropout, another adapter, a merge) breaks the group for that call: every layer computes alone.
+never used and gets no gradient). The first layer checks every member's eligibility on x (the checks of
+``linear_dispatch.fused_plan``) before computing for it, so a member that takes its kept output skips its own; one
+that stopped being eligible (a hook, dropout, another adapter, a merge) breaks the group for that call: every layer
+computes alone.
 
 Off where the recomputation of gradient checkpointing could see a different graph: while saved-tensor hooks are
 active (non-reentrant checkpointing runs the first forward under them; the recomputation runs outside the model
