@@ -42,12 +42,11 @@ Member = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, fl
 
 def _member_outputs(shape: torch.Size, x2: torch.Tensor, h: torch.Tensor, weights, biases, bs, scalings) -> list:
     """y_i = s_i h_i B_i^T (+ b_i) + x W_i^T for each member, h_i the member's columns of h (N, R); (..., out_i)."""
-    outs, start = [], 0
-    for weight, bias, b, scaling in zip(weights, biases, bs, scalings):
-        r = b.shape[1]
-        out = _lora_plus_base(x2, weight, bias, h[:, start : start + r], b, scaling)  # (N, out_i)
+    outs = []
+    hs = h.split([b.shape[1] for b in bs], dim=1)  # one call for every member's (N, r_i) view
+    for weight, bias, b, scaling, h_i in zip(weights, biases, bs, scalings, hs):
+        out = _lora_plus_base(x2, weight, bias, h_i, b, scaling)  # (N, out_i)
         outs.append(out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1]))
-        start += r
     return outs
 
 
@@ -91,7 +90,6 @@ class SharedInputLora(torch.autograd.Function):
         need_da = any(n[2] for n in ctx.member_needs)
         dys = [None if g is None else g.reshape(-1, g.shape[-1]).contiguous() for g in grad_outs]  # (N, out_i)
         first = next(dy for dy in dys if dy is not None)
-        starts = [sum(ctx.ranks[:i]) for i in range(m)]
         g = None
         if need_dx or need_da:
             # G = [s_1 dY_1 B_1, ...] (N, R): one scaled GEMM per member, zeros for an unused output, one concat
@@ -107,19 +105,20 @@ class SharedInputLora(torch.autograd.Function):
                 if dy is not None:
                     dx.addmm_(dy, weight)  # + dY_i W_i
             dx = dx.view(ctx.shape)
-        da = weight_grad(g, x2, torch.float32) if need_da else None  # (R, N) @ (N, in) -> (R, in), float32
+        # (R, N) @ (N, in) -> (R, in) in float32, then each member's (r_i, in) row block (one split call each)
+        das = weight_grad(g, x2, torch.float32).split(ctx.ranks) if need_da else [None] * m
+        hs = h.split(ctx.ranks, dim=1) if h is not None else [None] * m  # (N, r_i) views
         grads: list[torch.Tensor | None] = []
         for i, (dy, (need_w, need_bias, need_a, need_b)) in enumerate(zip(dys, ctx.member_needs)):
-            start, r = starts[i], ctx.ranks[i]
             a_dtype, b_dtype = ctx.dtypes[i]
             dw = weight_grad(dy, x2, x2.dtype) if need_w and dy is not None else None
             dbias = dy.sum(0) if need_bias and dy is not None else None
-            da_i = da[start : start + r] if need_a else None
+            da_i = das[i] if need_a else None
             if da_i is not None and da_i.dtype != a_dtype:
                 da_i = da_i.to(a_dtype)
             db = None
             if need_b and dy is not None:
-                db = weight_grad(dy, h[:, start : start + r], b_dtype, ctx.scalings[i], strided=True)  # (out_i, r_i)
+                db = weight_grad(dy, hs[i], b_dtype, ctx.scalings[i], strided=True)  # (out_i, N) @ (N, r_i)
             grads += [dw, dbias, da_i, db]
         return dx, None, *grads
 
