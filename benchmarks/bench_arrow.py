@@ -23,16 +23,9 @@ import warnings
 import torch
 import torch.nn as nn
 
+from cases.common import OneLinear
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class OneLinear(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
 
 
 def build(lib, dim: int, experts: int, rank: int, device: str, dtype: torch.dtype) -> nn.Module:

@@ -30,6 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from cases.common import OneLinear
+
 RANK = 4
 N_ADAPTERS = 32
 USE_DORA = False  # --dora: DoRA adapters instead of plain LoRA
@@ -75,18 +77,9 @@ def _llama(hidden: int, layers: int) -> nn.Module:
     return model.eval()
 
 
-class _OneLinear(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
 def _layer_cases(d: int) -> dict[str, dict[str, Callable[[], object]]]:
     torch.manual_seed(0)
-    base = _OneLinear(d).to(DEVICE).requires_grad_(False)
+    base = OneLinear(d).to(DEVICE).requires_grad_(False)
     layers = {"frozen": base.lin}
     for lib in ("lorakit", "peft"):
         layers[lib] = _wrap(lib, base, ["lin"]).base_model.model.lin

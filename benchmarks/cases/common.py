@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 PROFILES = {
     # the performance issue's H200 setting: a 1.1B Llama shape built from a config, bf16, r=16 all-linear
@@ -103,6 +104,17 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+class OneLinear(nn.Module):
+    """A single d x d Linear as a model (``lin``): the smallest thing a LoRA layer wraps, for micro-benchmarks."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
 
 
 def llama_model(shape: dict, device: torch.device | str, dtype: torch.dtype, max_positions: int = 4096, **kwargs):
