@@ -15,6 +15,7 @@ from ..targeting import (
     is_target,
     rank_and_alpha,
     resolve_target_names,
+    retarget_fused_experts,
     unmatched_entries,
     unused_exclusions,
     warn_unused_patterns,
@@ -87,6 +88,8 @@ def inject_lora(
 ) -> list[str]:
     """Add adapter ``adapter_name`` to every targeted module of ``model``; returns the adapted module paths."""
     check_settings_implemented(config)
+    asked_modules = config.target_modules
+    retargeted = retarget_fused_experts(model, config)
     targets = find_targets(model, config)
     # Build every new layer before touching the model, so an unsupported module leaves the model as it was.
     modules = {name: model.get_submodule(name) for name in targets}
@@ -120,9 +123,22 @@ def inject_lora(
             parent, child = split_parent(model, name)
             _warn_if_never_called(parent, child, name)
             setattr(parent, child, layer)
-    params = inject_parameters(
-        model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
-    )
+    try:
+        params = inject_parameters(
+            model,
+            config,
+            adapter_name,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+    except ValueError as error:
+        if not retargeted:
+            raise
+        raise ValueError(
+            f"{error} target_modules={asked_modules!r} names the mixture-of-experts weights that transformers 5 "
+            f"fused into the parameters {retargeted} (as PEFT, which refuses the same); list the other modules in "
+            "target_modules to adapt them without the experts and router."
+        ) from error
     _check_something_targeted(model, config, targets, params)
     warn_unused_patterns(config, targets + params)
     wrap_trainable_tokens(model, config, adapter_name, autocast_adapter_dtype)
