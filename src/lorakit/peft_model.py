@@ -7,6 +7,7 @@ causal LMs route ``adapter_names`` through ``generate``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -123,10 +124,38 @@ class PeftModel(nn.Module):
         batch (eval mode only; see ``lorakit.mixed``). aLoRA adapters get their offsets from ``input_ids``
         (``lorakit.alora_offsets``)."""
         if adapter_names is None and not alora_adapters(self):
-            return self.base_model(*args, **kwargs)
+            return self._call_model(args, kwargs)
         names = None if adapter_names is None else check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
         with route_batch(names), alora_scope(self, args, kwargs, names):
-            return self.base_model(*args, **kwargs)
+            return self._call_model(args, kwargs)
+
+    def _call_model(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The LoRA model's call, or, with the fused loss on, a training forward with labels whose loss is computed
+        in chunks (``lorakit.loss``; None from it: the ordinary call)."""
+        settings = self.__dict__.get("_fused_loss")
+        if settings is not None and self.get_base_model().training:
+            from .kernels.factor_casts import model_call
+            from .loss import fused_causal_lm_forward
+
+            scope = functools.partial(model_call, self.base_model)
+            out = fused_causal_lm_forward(self.get_base_model(), args, kwargs, settings, scope)
+            if out is not None:
+                return out
+        return self.base_model(*args, **kwargs)
+
+    def enable_fused_loss(self, chunk_size: int | None = None, use_liger: bool = True) -> None:
+        """Training forwards with ``labels`` compute the causal-LM loss in chunks of ``chunk_size`` tokens (None:
+        ~32 MiB of float32 logits per chunk) and return ``logits=None``; loss and gradients equal the ordinary
+        path's. Eval mode or no labels: the ordinary output. ``use_liger``: Liger Kernel's fused linear
+        cross-entropy on CUDA for a plain Linear head, when installed. Models the fused loss cannot match exactly
+        run their own forward, with one warning naming the reason (see ``lorakit.loss``)."""
+        from .loss import FusedLossSettings
+
+        self.__dict__["_fused_loss"] = FusedLossSettings(chunk_size=chunk_size, use_liger=use_liger)
+
+    def disable_fused_loss(self) -> None:
+        """Back to the model's own forward (full logits) for every call."""
+        self.__dict__.pop("_fused_loss", None)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate (KV cache, beams, sampling); ``adapter_names`` has one name per prompt and is
