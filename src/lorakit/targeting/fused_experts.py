@@ -134,17 +134,27 @@ def _names_old(entry: str, old_names: list[str]) -> str | None:
     return next((old for old in old_names if entry == old or entry.endswith("." + old)), None)
 
 
-def _wanted_by_regex(model: nn.Module, family: ExpertRenames, regex: str, module_paths: list[str]) -> set[str]:
-    """Old names whose transformers-4 paths the regex matches: ``<experts>.<old>`` for the projections (probed on
-    the owners of the fused parameters), the router module's own path for the router."""
-    wanted = {
-        old
-        for old, parameter in family.experts.items()
-        if any(re.fullmatch(regex, f"{owner}.{old}") for owner in _parameter_owners(model, parameter))
-    }
-    if any(_is_router(p, family) and re.fullmatch(regex, p) for p in module_paths):
-        wanted.add(family.router)
-    return wanted
+def _regex_hits(model: nn.Module, family: ExpertRenames, regex: str, module_paths: list[str]) -> dict[str, set[str]]:
+    """Old name -> full paths of the parameters it stands for, where the regex matches its transformers-4 path:
+    ``<experts>.<old>`` for a projection (probed on the owners of the fused parameter), the router's own path."""
+    hits: dict[str, set[str]] = {}
+    for old, parameter in family.experts.items():
+        owners = _parameter_owners(model, parameter)
+        paths = {f"{o}.{parameter}" for o in owners if re.fullmatch(regex, f"{o}.{old}")}
+        if paths:
+            hits[old] = paths
+    routers = {f"{p}.weight" for p in module_paths if _is_router(p, family) and re.fullmatch(regex, p)}
+    if routers:
+        hits[family.router] = routers
+    for parameter in set(family.experts.values()):
+        parts = family.fused_from(parameter)
+        if len({frozenset(hits.get(p, ())) for p in parts}) > 1:
+            raise ValueError(
+                f"target_modules={regex!r} matches {parts} of the experts in different layers: in transformers 5 "
+                f"they are fused into one parameter {parameter!r}, which can only be adapted as a whole; match "
+                f"{parts} together (or neither) in each layer."
+            )
+    return hits
 
 
 def _modules_left(entries: list[str], family: ExpertRenames, module_paths: list[str]) -> list[str]:
@@ -174,7 +184,8 @@ def retarget_fused_experts(model: nn.Module, config: LoraConfig) -> list[str]:
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         entries, wanted = expand_all_linear(model, config), {family.router, *family.experts}
     elif isinstance(targets, str):
-        entries, wanted = None, _wanted_by_regex(model, family, targets, module_paths)
+        hits = _regex_hits(model, family, targets, module_paths)
+        entries, wanted = None, set(hits)
     else:
         entries = list(targets)
         wanted = {o for o in (_names_old(e, [family.router, *family.experts]) for e in entries) if o is not None}
@@ -182,12 +193,14 @@ def retarget_fused_experts(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     _check_fused_complete(family, wanted)
     parameters = {family.experts[o] for o in wanted if o in family.experts}
-    added = sorted(parameters | ({f"{family.router}.weight"} if family.router in wanted else set()))
     if entries is not None:
+        added = sorted(parameters | ({f"{family.router}.weight"} if family.router in wanted else set()))
         config.target_modules = _modules_left(entries, family, module_paths)
-    elif family.router in wanted:  # a regex that matches the router: the module paths it matches, router left out
-        matched = [p for p in module_paths if re.fullmatch(targets, p)]
-        config.target_modules = [p for p in matched if not _is_router(p, family)]
+    else:  # a regex: the parameters by full path (as precise as the regex); the router leaves the module matches
+        added = sorted(set().union(*hits.values()))
+        if family.router in wanted:
+            matched = [p for p in module_paths if re.fullmatch(targets, p)]
+            config.target_modules = [p for p in matched if not _is_router(p, family)]
     config.target_parameters = sorted(set(config.target_parameters or []) | set(added))
     _add_patterns(config, family, parameters)
     return added
