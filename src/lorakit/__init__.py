@@ -4,11 +4,32 @@
 """
 
 from .arrow import create_arrow_model
-from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import (
+    ArrowConfig,
+    CordaConfig,
+    EvaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraRuntimeConfig,
+    PeftConfig,
+    PeftType,
+    TaskType,
+    get_peft_config,
+)
 from .init.corda import preprocess_corda
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .init.loftq_replace import replace_lora_weights_loftq
 from .io.functional import get_peft_model_state_dict, set_peft_model_state_dict
+from .io.peft_weights import load_peft_weights
 from .kbit import prepare_model_for_kbit_training
 from .layers import LoraLayer, register_layer_type
 from .mapping import get_peft_model, inject_adapter_in_model
@@ -29,6 +50,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArrowConfig",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "CordaConfig",
     "EvaConfig",
     "LoftQConfig",
@@ -36,6 +64,7 @@ __all__ = [
     "LoraLayer",
     "LoraModel",
     "LoraRuntimeConfig",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -53,10 +82,12 @@ __all__ = [
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "load_peft_weights",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "register_layer_type",

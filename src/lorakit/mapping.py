@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .config import LoraConfig
@@ -39,14 +40,26 @@ def get_peft_model(
 
 
 def inject_adapter_in_model(
-    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+    peft_config: LoraConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Add LoRA layers (and modules_to_save copies) to ``model`` in place without a PeftModel wrapper; only the
-    adapter's parameters stay trainable, as with get_peft_model. Returns ``model``."""
+    adapter's parameters stay trainable, as with get_peft_model. Returns ``model``.
+
+    With ``state_dict``, the modules to adapt are the ones its ``lora_*`` keys name (the values are not loaded; see
+    ``lorakit.model.state_dict_targets``)."""
     from .model.inject import inject_lora, wrap_modules_to_save
     from .model.trainable import mark_trainable
 
-    inject_lora(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    targeting = peft_config
+    if state_dict is not None:
+        from .model.state_dict_targets import config_for_state_dict
+
+        targeting = config_for_state_dict(peft_config, model, state_dict)
+    inject_lora(model, targeting, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     wrap_modules_to_save(model, list(peft_config.modules_to_save or []), adapter_name)
     mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
     return model

@@ -21,6 +21,7 @@ from .integrations.checkpointing import enable_checkpointing, is_checkpointing, 
 from .mixed import batch_size_of, check_adapter_names
 from .model.lora_model import LoraModel
 from .routing import route_batch
+from .trainer_seam import refuse_unaware_trainer
 
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -64,7 +65,13 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name == "accepts_loss_kwargs":  # a transformers Trainer's constructor inspecting the model
+                refuse_unaware_trainer()
             return getattr(self.base_model, name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        refuse_unaware_trainer()  # a Trainer that would save the whole model as its checkpoint
+        return super().state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -85,6 +92,19 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules_to_save entries of all adapters together; None when there are none (as in PEFT)."""
+        modules = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}
+        return modules or None
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make ``model``'s input embeddings' output require grad, so reentrant checkpointing keeps the frozen base's
+        blocks in the graph; quantized models are left alone (``prepare_model_for_kbit_training`` does it there)."""
+        if not any(getattr(model, f, False) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            require_input_grads(model)
+        return model
 
     def get_layer_status(self) -> list:
         """One TunerLayerStatus per adapter module (see ``lorakit.model.status``)."""
@@ -247,6 +267,14 @@ class PeftModel(nn.Module):
             config_overrides=overrides,
             **kwargs,
         )
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter files (as ``save_pretrained`` writes them) to Hub repo ``repo_id`` in one commit;
+        keywords: commit_message, commit_description, private, token, revision, create_pr, safe_serialization,
+        selected_adapters, tags (see ``lorakit.io.push``). Returns huggingface_hub's CommitInfo."""
+        from .io.push import push_adapter_to_hub
+
+        return push_adapter_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(

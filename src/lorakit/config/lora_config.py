@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .peft_config import PeftConfigMixin
 from .sub_configs import SUB_CONFIGS, ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraRuntimeConfig
 from .task_type import PeftType, TaskType
 
@@ -37,7 +38,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfigMixin):
     """Configuration of a LoRA adapter (arXiv:2106.09685), field for field compatible with PEFT's ``LoraConfig``.
 
     Unknown keys in a saved config are dropped with a warning; a value lorakit cannot honour raises ``ValueError``.

@@ -50,10 +50,19 @@ _REGISTRY: dict[str, InitFn] = {}
 _PREFIX_REGISTRY: list[tuple[re.Pattern, InitFn]] = []
 LAYER_KINDS: dict[str, set[str]] = {}
 """Method name -> layer kinds it supports (missing: all)."""
+FROZEN_FACTORS: dict[str, frozenset[str]] = {}
+"""Method name -> factors ("A", "B") that stay frozen in training (MiCA trains A only; missing: none)."""
 
 
-def register_init(name: str | bool, *, pattern: str | None = None, layer_kinds: set[str] | None = None):
-    """Decorator registering ``fn`` under ``name`` (or every value fully matching ``pattern``)."""
+def register_init(
+    name: str | bool,
+    *,
+    pattern: str | None = None,
+    layer_kinds: set[str] | None = None,
+    frozen: frozenset[str] = frozenset(),
+):
+    """Decorator registering ``fn`` under ``name`` (or every value fully matching ``pattern``); ``frozen`` names the
+    factors ("A", "B") the method keeps out of training."""
 
     def wrap(fn: InitFn) -> InitFn:
         key = str(name) if pattern is None else pattern  # the key get_init returns, so layer_kinds apply
@@ -63,6 +72,8 @@ def register_init(name: str | bool, *, pattern: str | None = None, layer_kinds: 
             _REGISTRY[key] = fn
         if layer_kinds is not None:
             LAYER_KINDS[key] = set(layer_kinds)
+        if frozen:
+            FROZEN_FACTORS[key] = frozenset(frozen)
         return fn
 
     return wrap
@@ -78,6 +89,15 @@ def get_init(value: bool | str) -> tuple[str, InitFn]:
             return pat.pattern, fn
     known = sorted(_REGISTRY) + [p.pattern for p, _ in _PREFIX_REGISTRY]
     raise ValueError(f"Unknown init_lora_weights {value!r}; registered methods: {', '.join(known)}.")
+
+
+def frozen_factors(value: bool | str) -> frozenset[str]:
+    """The factors ("A", "B") that ``init_lora_weights=value`` keeps frozen; empty for unknown values."""
+    try:
+        key, _ = get_init(value)
+    except ValueError:
+        return frozenset()
+    return FROZEN_FACTORS.get(key, frozenset())
 
 
 def run_init(request: InitRequest) -> InitResult:

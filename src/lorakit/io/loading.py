@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..model.lora_model import restore_on_error
-from .checkpoint import HUB_KWARGS, LoadResult, load_adapter_weights, read_adapter_weights
+from .checkpoint import HUB_KWARGS, LoadResult, load_adapter_weights, read_adapter
+from .dispatch import check_dispatch, pop_dispatch_kwargs
 
 if TYPE_CHECKING:
     from ..peft_model import PeftModel
@@ -22,7 +23,9 @@ def _split_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _read_config(model_id: str | os.PathLike, config: LoraConfig | None, hub: dict[str, Any]) -> LoraConfig:
     if config is not None:
         return config
-    return LoraConfig.from_pretrained(model_id, **hub)
+    config = LoraConfig.from_pretrained(model_id, **hub)
+    LoraConfig._get_peft_type(model_id, **hub)  # a config without peft_type is refused, as PEFT does
+    return config
 
 
 def _apply_runtime(config: LoraConfig, is_trainable: bool, ephemeral_gpu_offload: bool) -> None:
@@ -58,11 +61,14 @@ def load_peft_model(
     hub = _split_hub_kwargs(kwargs)
     torch_device = kwargs.pop("torch_device", None)
     ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    check_dispatch(model, pop_dispatch_kwargs(kwargs))
     if kwargs:
         raise TypeError(f"Unexpected keyword arguments for from_pretrained: {sorted(kwargs)}.")
-    config = _read_config(model_id, config, hub)
+    given = config
+    config, tensors = read_adapter(
+        model_id, lambda: _read_config(model_id, given, hub), given is not None, torch_device or "cpu", hub
+    )
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
-    tensors = read_adapter_weights(model_id, device=torch_device or "cpu", **hub)
     target_cls = peft_model_class(config) if cls is PeftModel else cls
     with restore_on_error(model):  # a failed load leaves the user's model as it was given
         peft_model = target_cls(
@@ -93,16 +99,19 @@ def load_adapter_into(
     **kwargs: Any,
 ) -> LoadResult:
     hub = _split_hub_kwargs(kwargs)
-    config = _read_config(model_id, kwargs.pop("config", None), hub)
+    given = kwargs.pop("config", None)
     ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    check_dispatch(peft_model.get_base_model(), pop_dispatch_kwargs(kwargs))
     if kwargs:
         raise TypeError(f"Unexpected keyword arguments for load_adapter: {sorted(kwargs)}.")
     if adapter_name in peft_model.peft_config:
         raise ValueError(
             f"Adapter name {adapter_name!r} already exists; existing adapters: {sorted(peft_model.peft_config)}."
         )
+    config, tensors = read_adapter(
+        model_id, lambda: _read_config(model_id, given, hub), given is not None, torch_device or "cpu", hub
+    )
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
-    tensors = read_adapter_weights(model_id, device=torch_device or "cpu", **hub)
     was_training = peft_model.training
     with peft_model.base_model.adding(adapter_name):  # all or nothing
         peft_model.add_adapter(

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..caches import state_without_caches
 from ..delta import delta_matrix
-from ..init import InitRequest, run_init
+from ..init import InitRequest, frozen_factors, run_init
 from ..routing import current_routing
 from .record import AdapterRecord
 
@@ -191,6 +191,7 @@ class LoraLayer(nn.Module):
             lora_bias=config.lora_bias,
             dropout=float(config.lora_dropout),
         )
+        record.frozen = frozen_factors(config.init_lora_weights)
         self._check_supported(adapter_name, record, config, module_name)
         if adapter_name in self.adapters:  # replacing: nothing of the old adapter (e.g. a DoRA magnitude) may remain
             if adapter_name in self.merged_adapters:
@@ -297,6 +298,14 @@ class LoraLayer(nn.Module):
                 item = container[name]
                 yield from item.parameters() if isinstance(item, nn.Module) else [item]
 
+    def trainable_adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """``adapter_parameters`` without the factors the init method keeps frozen (MiCA's B)."""
+        frozen = self.adapters[name].frozen if name in self.adapters else frozenset()
+        skip = {id(f) for f, label in zip(self._factors(name), ("A", "B")) if label in frozen} if frozen else set()
+        for param in self.adapter_parameters(name):
+            if id(param) not in skip:
+                yield param
+
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Activate ``adapter_names`` (several add up); only active adapters require grad."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -305,7 +314,10 @@ class LoraLayer(nn.Module):
             self.unmerge()
         for name in self.adapters:
             for param in self.adapter_parameters(name):
-                param.requires_grad_(name in names)
+                param.requires_grad_(False)
+            if name in names:
+                for param in self.trainable_adapter_parameters(name):
+                    param.requires_grad_(True)
         self._active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:

@@ -27,6 +27,7 @@ class AdapterRecord:
     # set by lorakit.utils.hotswap.prepare_model_for_compiled_hotswap: a 0-d tensor holding ``scaling``, updated in
     # place, so a compiled graph reads a new alpha without recompiling. None (a Python float) everywhere else.
     scaling_tensor: torch.Tensor | None = field(default=None, repr=False)
+    frozen: frozenset[str] = frozenset()  # factors ("A", "B") that never train (MiCA freezes B)
 
     @property
     def base_scaling(self) -> float:

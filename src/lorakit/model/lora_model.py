@@ -118,6 +118,20 @@ class LoraModel(nn.Module):
             if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
                 yield name, module
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths of the modules that carry LoRA layers (PEFT's attribute)."""
+        from .targeted import targeted_module_names
+
+        return targeted_module_names(self.lora_layers())
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """``module.parameter`` paths adapted through ``target_parameters`` (PEFT's attribute)."""
+        from .targeted import targeted_parameter_names
+
+        return targeted_parameter_names(self.lora_layers())
+
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
@@ -224,7 +238,10 @@ class LoraModel(nn.Module):
         self._validate_names(names)
         for _, layer in self.lora_layers():
             for name in names:
-                for param in layer.adapter_parameters(name):
+                if name not in layer.adapters:
+                    continue
+                params = layer.trainable_adapter_parameters(name) if requires_grad else layer.adapter_parameters(name)
+                for param in params:
                     param.requires_grad_(requires_grad)
         for wrapper in self._wrappers():
             for name in names:
