@@ -81,7 +81,7 @@ def test_out_dir_with_another_adapter_is_refused_unless_overwrite(files, capsys)
         (["--r", "abc"], "--r"),
         (["--bias", "some"], "--bias"),
         (["--rank-pattern", "q_proj"], "KEY=VALUE"),
-        (["--r", "0"], "`r` must be a positive integer"),
+        (["--r", "0"], "argument --r/--rank: expected an integer >= 1, got '0'"),
     ],
 )
 def test_bad_option_values(files, capsys, extra, needle):
@@ -101,3 +101,10 @@ def test_generate_and_inspect_errors(files, capsys):
 def test_cuda_graph_without_a_gpu_names_the_device(files, capsys):
     argv = train_argv(files["model"], files["data"], files["root"] / "o_graph", "--cuda-graph", "--device", "cpu")
     _assert_one_line_error(*run_cli(argv, capsys)[::2], "--cuda-graph needs a CUDA device", "cpu")
+
+
+def test_generate_prompt_file_that_is_not_utf8(files, capsys):
+    prompts = files["root"] / "prompts.txt"
+    prompts.write_bytes("Copy caf\u00e9:\n".encode("latin-1"))
+    argv = ["generate", "--model", files["model"], "--prompt-file", prompts]
+    _assert_one_line_error(*run_cli(argv, capsys)[::2], "--prompt-file", "prompts.txt", "not UTF-8", "byte 8")

@@ -20,16 +20,21 @@ TRY_PROMPT = "Date 2024-02-29 in words:"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import ranges as R
+    from .progress import DISPLAYS
+
     parser.add_argument("--out", default="runs/demo", help="folder for the adapter and plot (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=80, help="optimiser steps (default 80)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r, all linear layers)")
-    parser.add_argument("--eval-limit", type=int, default=-1, help="held-out prompts to score (-1 = all 100)")
+    parser.add_argument("--steps", type=R.COUNT, default=80, help="optimiser steps (default 80)")
+    parser.add_argument("--batch-size", type=R.COUNT, default=32)
+    parser.add_argument("--lr", type=R.LEARNING_RATE, default=5e-3)
+    parser.add_argument("--r", type=R.COUNT, default=8, help="LoRA rank (alpha = 2r, all linear layers)")
+    parser.add_argument(
+        "--eval-limit", type=R.DEMO_EVAL_LIMIT, default=-1, help="held-out prompts to score (-1 = all 100)"
+    )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", default="auto", help="auto, rich, tqdm, lines or none")
+    parser.add_argument("--threads", type=R.COUNT, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=R.SEED, default=0)
+    parser.add_argument("--progress", default="auto", choices=("auto", *DISPLAYS), help="progress display")
 
 
 def assets() -> Path:

@@ -22,6 +22,7 @@ HELP = "generate text with a base model and LoRA adapters (mixed batches when pr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import ranges as R
     from .loading import add_model_arguments
 
     add_model_arguments(parser)
@@ -41,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="adapter for each prompt, in order (one value = all prompts; '__base__' = no adapter)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=R.COUNT, default=64)
+    parser.add_argument("--temperature", type=R.NON_NEGATIVE, default=0.0, help="0 = greedy decoding")
+    parser.add_argument("--top-p", type=R.TOP_P, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    parser.add_argument("--seed", type=R.SEED, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
 
 
@@ -54,7 +55,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise CliError(f"--prompt-file {args.prompt_file!r}: no such file.")
-        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CliError(
+                f"--prompt-file {args.prompt_file!r} is not UTF-8 text ({err.reason} at byte {err.start})."
+            ) from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise CliError("no prompt given; use --prompt TEXT (repeatable) or --prompt-file FILE.")
     return prompts

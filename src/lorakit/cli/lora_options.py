@@ -167,6 +167,24 @@ def _default_text(f: dataclasses.Field) -> str:
     return "required"
 
 
+def _ranged(name: str, read: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``read`` followed by the range check of field ``name`` (``ranges.LORA_FIELDS`` / ``LORA_MAPPING_VALUES``)."""
+    from .ranges import LORA_FIELDS, LORA_MAPPING_VALUES
+
+    def read_value(text: str) -> Any:
+        return LORA_FIELDS[name].check(read(text), repr(text))
+
+    def read_mapping(text: str) -> Any:
+        value = read(text)
+        for key, item in value.items():
+            LORA_MAPPING_VALUES[name].check(item, f"{key}={item!r}")
+        return value
+
+    for wrapper in (read_value, read_mapping):
+        wrapper.__name__ = getattr(read, "__name__", "value")  # argparse names it in "invalid <name> value: ..."
+    return read_value if name in LORA_FIELDS else read_mapping if name in LORA_MAPPING_VALUES else read
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per LoraConfig field (see the module docstring); values land in ``args.lora_<field>``."""
     group = parser.add_argument_group("LoRA options (LoraConfig fields; unset flags keep LoraConfig's defaults)")
@@ -181,7 +199,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         elif choices is not None:
             kwargs["choices"] = choices
         else:
-            kwargs["type"] = VALUE_READERS.get(annotation, _json)
+            kwargs["type"] = _ranged(f.name, VALUE_READERS.get(annotation, _json))
             kwargs["metavar"] = _VALUE_HINTS.get(annotation, "JSON" if annotation not in VALUE_READERS else "TEXT")
         group.add_argument(*names, **kwargs)
 

@@ -26,6 +26,7 @@ HELP = "fine-tune a causal LM with LoRA on a JSONL or text file"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import ranges as R
     from .loading import add_model_arguments
     from .progress import DISPLAYS
 
@@ -33,33 +34,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", required=True, help="training data: JSONL (prompt/completion, messages, text) or text")
     io.add_argument("--eval-data", help="held-out data (same formats); default: --eval-fraction of --data")
-    io.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out (default 0.05)")
+    io.add_argument(
+        "--eval-fraction", type=R.HELD_OUT_FRACTION, default=0.05, help="share of --data held out, in [0, 1)"
+    )
     io.add_argument("--out", required=True, help="folder for the adapter, loss.png and train_metrics.json")
     io.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoint already in --out")
     io.add_argument("--resume", action="store_true", help="continue from --out/checkpoint (same command as before)")
     io.add_argument("--plot", default=None, help="loss-curve PNG (default OUT/loss.png; 'none' to skip)")
     tr = parser.add_argument_group("training")
-    tr.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
-    tr.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is not given")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW), cosine decay to lr/10")
-    tr.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps with a linear warm-up")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    tr.add_argument("--max-length", type=int, default=None, help="tokens per example (default: model's, at most 1024)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only on Ctrl-C)")
-    tr.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = before/after only)")
+    tr.add_argument("--max-steps", type=R.COUNT, default=None, help="optimiser steps (default: --epochs over the data)")
+    tr.add_argument("--epochs", type=R.EPOCHS, default=1.0, help="passes over the data when --max-steps is not given")
+    tr.add_argument("--batch-size", type=R.COUNT, default=8)
+    tr.add_argument("--grad-accum", type=R.COUNT, default=1, help="micro-batches per optimiser step")
+    tr.add_argument(
+        "--lr", type=R.LEARNING_RATE, default=2e-4, help="peak learning rate (AdamW), cosine decay to lr/10"
+    )
+    tr.add_argument("--warmup-ratio", type=R.RATIO, default=0.05, help="share of the steps with a linear warm-up")
+    tr.add_argument("--weight-decay", type=R.NON_NEGATIVE, default=0.0)
+    tr.add_argument("--max-grad-norm", type=R.NON_NEGATIVE, default=1.0, help="gradient clipping (0 = off)")
+    tr.add_argument(
+        "--max-length", type=R.MAX_LENGTH, default=None, help="tokens per example (default: model's, at most 1024)"
+    )
+    tr.add_argument("--seed", type=R.SEED, default=0)
+    tr.add_argument(
+        "--save-every", type=R.COUNT_OR_OFF, default=0, help="checkpoint every N steps (0 = only on Ctrl-C)"
+    )
+    tr.add_argument(
+        "--eval-every", type=R.COUNT_OR_OFF, default=0, help="held-out loss every N steps (0 = before/after only)"
+    )
     tr.add_argument(
         "--eval-generate",
-        type=int,
+        type=R.COUNT_OR_ALL,
         default=0,
         help="exact-match accuracy of greedy completions on N held-out prompt/completion examples (-1 = all)",
     )
-    tr.add_argument("--show-examples", type=int, default=3, help="held-out generations to print before/after")
+    tr.add_argument(
+        "--show-examples", type=R.COUNT_OR_OFF, default=3, help="held-out generations to print before/after"
+    )
     tr.add_argument("--progress", default="auto", choices=("auto", *DISPLAYS), help="progress display")
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--threads", type=R.COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     tr.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -150,9 +163,6 @@ def _settings(args: argparse.Namespace, n_rows: int) -> Any:
     from .data import steps_per_epoch
     from .trainer import TrainSettings
 
-    for name in ("batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     per_epoch = steps_per_epoch(n_rows, args.batch_size)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     return TrainSettings(
