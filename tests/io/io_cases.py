@@ -108,3 +108,15 @@ def read_saved(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def adapter_folder(root: Path, adapter: str) -> Path:
     return root if adapter == "default" else root / adapter
+
+
+def strip_config_record(folder: Path) -> None:
+    """Rewrite a saved adapter's weights file without lorakit's record of its config (as PEFT writes it)."""
+    from safetensors.torch import save_file
+
+    safetensors = folder / "adapter_model.safetensors"
+    if safetensors.exists():
+        save_file(load_file(str(safetensors)), str(safetensors), metadata={"format": "pt"})
+    else:
+        path = folder / "adapter_model.bin"
+        torch.save(dict(torch.load(path, weights_only=True)), path)

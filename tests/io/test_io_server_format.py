@@ -27,7 +27,9 @@ def _parse(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     config = json.loads((folder / "adapter_config.json").read_text())
     modules: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        # PEFT writes {"format": "pt"}; lorakit adds the text of the config the weights belong to (io.binding)
+        assert set(f.metadata()) == {"format", "lorakit.adapter_config"} and f.metadata()["format"] == "pt"
+        assert json.loads(f.metadata()["lorakit.adapter_config"]) == config
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             match = _KEY.match(key)
             assert match is not None, f"a server could not parse tensor {key!r}"

@@ -1,7 +1,8 @@
 """Saving and loading adapters in PEFT's format: adapter_config.json + adapter_model.safetensors (or .bin).
 
 The ``default`` adapter lives at the root of the folder, every other adapter in a subfolder named after it.
-Every file is written to a temporary name first and renamed only when all of the adapter's files are complete.
+Each adapter's save is one transaction (``io.transaction``), and its weights name the config they were saved with
+(``io.binding``), which loading checks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -18,15 +20,16 @@ import torch.nn as nn
 
 from ..config import CONFIG_NAME, LoraConfig
 from ..config.lora_config import PEFT_COMPAT_VERSION
-from .atomic import atomic_path
+from .binding import check_belongs, saved_config
 from .hub import resolve_file
+from .ownership import check_ownership
 from .state_dict import AdapterKeys, adapter_state_dict, to_memory_keys
+from .transaction import reading, write_transaction
+from .weights_file import BIN_NAME, SAFETENSORS_NAME, WEIGHTS_NAMES, check_values, read_weights, write_weights
 
 if TYPE_CHECKING:
     from ..peft_model import PeftModel
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "subfolder")
 
 
@@ -85,15 +88,29 @@ def save_adapters(
             "rank with lorakit.integrations.distributed.gather_adapter_state_dict(model) and pass it as "
             "save_pretrained(..., state_dict=...)."
         )
+    if not names:
+        raise ValueError(
+            f"There is no adapter to save to {str(save_directory)!r}: the model has none (all were deleted, or "
+            "merge_and_unload()/unload() removed them). Nothing was written."
+        )
     if not is_main_process:
         return
-    for name in names:
-        config = model.peft_config[name]
-        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+    contents = {}
+    for name in names:  # every adapter's tensors first: an empty one stops the save before any file is replaced
         tensors = (state_dicts or {}).get(name)
         if tensors is None:
-            tensors = adapter_state_dict(model, name, config, save_embedding_layers, state_dict=state_dict)
-        _write_adapter(model, folder, config, _untie(tensors), safe_serialization, (config_overrides or {}).get(name))
+            tensors = adapter_state_dict(model, name, model.peft_config[name], save_embedding_layers, state_dict)
+        if not tensors:
+            raise ValueError(
+                f"Adapter {name!r} has no tensors in the model: its layers were merged and unloaded "
+                "(merge_and_unload()/unload()) or removed. Saving it would replace the adapter in "
+                f"{str(save_directory)!r} by an empty one; nothing was written."
+            )
+        contents[name] = _untie(tensors)
+    for name, tensors in contents.items():
+        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+        config = model.peft_config[name]
+        _write_adapter(model, folder, config, tensors, safe_serialization, (config_overrides or {}).get(name))
 
 
 def _config_extras(model: PeftModel, config: LoraConfig) -> dict[str, Any]:
@@ -118,59 +135,98 @@ def _write_adapter(
     safe_serialization: bool,
     overrides: dict[str, Any] | None,
 ) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Replace the adapter in ``folder`` by this one in one transaction: config, weights (naming the config) and,
+    when the folder has none, a model card; the other format's weights file goes in the same transaction."""
     weights_name = SAFETENSORS_NAME if safe_serialization else BIN_NAME
     extras = _config_extras(model, config) | (overrides or {})
     config_data = config.to_dict() | {"inference_mode": True, "peft_version": PEFT_COMPAT_VERSION} | extras
-    with contextlib.ExitStack() as stack:
-        tmp_weights = stack.enter_context(atomic_path(folder / weights_name))
-        tmp_config = stack.enter_context(atomic_path(folder / CONFIG_NAME))
-        tmp_card = stack.enter_context(atomic_path(folder / "README.md"))
-        if safe_serialization:
-            from safetensors.torch import save_file
+    config_text = json.dumps(config_data, indent=2, sort_keys=True)
+    writers = {
+        CONFIG_NAME: lambda path: path.write_text(config_text, encoding="utf-8"),
+        weights_name: lambda path: write_weights(path, tensors, safe_serialization, config_text),
+    }
+    if not (folder / "README.md").exists():  # a card already there (the user's own) is kept as it is
+        writers["README.md"] = lambda path: path.write_text(_model_card(config), encoding="utf-8")
+    write_transaction(folder, writers, WEIGHTS_NAMES)
 
-            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp_weights), metadata={"format": "pt"})
-        else:
-            torch.save({k: v.cpu() for k, v in tensors.items()}, tmp_weights)
-        tmp_config.write_text(json.dumps(config_data, indent=2, sort_keys=True), encoding="utf-8")
-        if not (folder / "README.md").exists():
-            tmp_card.write_text(_model_card(config), encoding="utf-8")
-        else:
-            tmp_card.write_bytes((folder / "README.md").read_bytes())
-    stale = folder / (BIN_NAME if safe_serialization else SAFETENSORS_NAME)
-    if stale.exists():
-        stale.unlink()  # loading prefers safetensors; never leave an older adapter beside the new one
+
+def local_folder(path_or_id: str | os.PathLike, subfolder: str | None = None) -> Path | None:
+    """The adapter folder when ``path_or_id`` is a local one, else None (a Hub id)."""
+    folder = Path(path_or_id) / subfolder if subfolder else Path(path_or_id)
+    return folder if folder.is_dir() else None
+
+
+def reading_adapter(path_or_id: str | os.PathLike, subfolder: str | None = None) -> contextlib.AbstractContextManager:
+    """Context in which a local adapter folder's files are read together: a save to it waits (``io.transaction``)."""
+    return reading(local_folder(path_or_id, subfolder), WEIGHTS_NAMES)
 
 
 def read_adapter_weights(
-    path_or_id: str | os.PathLike, device: str | torch.device = "cpu", **hub_kwargs: Any
+    path_or_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    check_config: LoraConfig | bool = True,
+    **hub_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a saved adapter (safetensors preferred, then .bin); clear errors for missing or corrupt files."""
-    subfolder = hub_kwargs.pop("subfolder", None)
-    path = resolve_file(path_or_id, SAFETENSORS_NAME, subfolder=subfolder, required=False, **hub_kwargs)
-    if path is None:
-        path = resolve_file(path_or_id, BIN_NAME, subfolder=subfolder, required=False, **hub_kwargs)
-    if path is None:
-        raise FileNotFoundError(
-            f"No {SAFETENSORS_NAME} or {BIN_NAME} in {str(path_or_id)!r}"
-            + (f" (subfolder {subfolder!r})" if subfolder else "")
-            + "."
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Tensors of a saved adapter (safetensors preferred, then .bin); clear errors for missing or corrupt files.
 
-            tensors = load_file(str(path), device="cpu")
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"Could not read adapter weights from {path}: the file is corrupt or truncated ({type(err).__name__}: "
-            f"{err})."
-        ) from None
+    ``check_config``: the config the caller applies with these weights, checked against the one the weights were
+    saved with (``io.binding``); True checks the ``adapter_config.json`` beside the weights file when there is one,
+    False checks nothing (a config the user gave on purpose)."""
+    subfolder = hub_kwargs.pop("subfolder", None)
+    with reading_adapter(path_or_id, subfolder):
+        path = resolve_file(path_or_id, SAFETENSORS_NAME, subfolder=subfolder, required=False, **hub_kwargs)
+        if path is None:
+            path = resolve_file(path_or_id, BIN_NAME, subfolder=subfolder, required=False, **hub_kwargs)
+        if path is None:
+            raise FileNotFoundError(
+                f"No {SAFETENSORS_NAME} or {BIN_NAME} in {str(path_or_id)!r}"
+                + (f" (subfolder {subfolder!r})" if subfolder else "")
+                + "."
+            )
+        tensors, metadata = read_weights(path)
+        used = _used_config(check_config, path)
+    if used is not None:
+        try:
+            saved = saved_config(metadata)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}.") from None
+        check_belongs(saved, used, str(path), str(path.with_name(CONFIG_NAME)))
     # moved outside the parse, so a device that is unknown or unavailable is reported as such, not as a bad file
     target = torch.device(device)
     return tensors if target.type == "cpu" else {k: v.to(target) for k, v in tensors.items()}
+
+
+def read_adapter(
+    path_or_id: str | os.PathLike,
+    read_config: Callable[[], LoraConfig],
+    config_given: bool,
+    device: str | torch.device,
+    hub_kwargs: dict[str, Any],
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved adapter, read together (a save to a local folder waits until both are read).
+
+    ``read_config()`` gives the config; unless the user gave it (``config_given``), the weights must have been saved
+    with it (``io.binding``)."""
+    with reading_adapter(path_or_id, hub_kwargs.get("subfolder")):
+        config = read_config()
+        check: LoraConfig | bool = False if config_given else config
+        tensors = read_adapter_weights(path_or_id, device=device, check_config=check, **hub_kwargs)
+    return config, tensors
+
+
+def _used_config(check_config: LoraConfig | bool, weights: Path) -> dict[str, Any] | None:
+    """The config dict to check the weights against (see read_adapter_weights), or None for no check."""
+    if isinstance(check_config, LoraConfig):
+        return check_config.to_dict()
+    beside = weights.with_name(CONFIG_NAME)
+    if not check_config or not beside.is_file():
+        return None
+    try:
+        data = json.loads(beside.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{beside} is not valid UTF-8 JSON: {err}.") from None
+    return data if isinstance(data, dict) else None
 
 
 def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -222,6 +278,8 @@ def load_adapter_weights(
             f"Adapter {source} has {len(unexpected)} tensors this model has no place for, e.g. {unexpected[0]!r}. "
             "Was it trained on another base model or with other target modules?"
         )
+    check_ownership(model, memory, adapter_name, source)
+    check_values(memory, source)
     keys = AdapterKeys(model)
     expected = [k for k in own if keys.adapter_of(k) == adapter_name]
     missing = sorted(k for k in expected if k not in memory)
