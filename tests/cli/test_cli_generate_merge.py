@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 
 import pytest
 import torch
@@ -100,7 +103,7 @@ def test_merge_saves_a_standalone_model_that_reloads_with_the_adapter_outputs(se
     out = tmp_path / "merged"
     code, stdout, err = run_cli(["merge", "--model", model_dir, "--adapter", adapters["a"], "--out", out], capsys)
     assert code == 0, err
-    assert "logits match" in stdout
+    assert "saved a standalone float32 model" in stdout and "both in float32: max |logit diff|" in stdout
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == torch.float32
@@ -112,6 +115,39 @@ def test_merge_saves_a_standalone_model_that_reloads_with_the_adapter_outputs(se
     assert _greedy(merged, tokenizer, PROMPTS[0]) == _expected(setup, "a")[0]
     # a second merge into the same folder is refused unless --overwrite
     code, _, err = run_cli(["merge", "--model", model_dir, "--adapter", adapters["b"], "--out", out], capsys)
-    assert code == 2 and "already holds a model" in err
+    assert code == 2 and "is not empty" in err and "model.safetensors" in err
     argv = ["merge", "--model", model_dir, "--adapter", adapters["b"], "--out", out, "--overwrite"]
     assert run_cli(argv, capsys)[0] == 0
+
+
+def test_merge_writes_ordinary_file_modes(setup, tmp_path, capsys):
+    """transformers leaves model.safetensors at 0600; every merged file gets 0666 minus the umask, like the rest."""
+    model_dir, adapters = setup
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli(
+            ["merge", "--model", model_dir, "--adapter", adapters["a"], "--out", tmp_path / "m"], capsys
+        )
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_merge_says_what_it_compared_in_bf16(setup, tmp_path, capsys):
+    """A bf16 base is merged and saved in bf16: the report names that dtype and the difference measured in it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, adapters = setup
+    bf16_dir = tmp_path / "bf16"
+    load_tiny(model_dir).to(torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(bf16_dir)
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli(["merge", "--model", bf16_dir, "--adapter", adapters["a"], "--out", out], capsys)
+    assert code == 0, err
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    match = re.search(r"standalone (\w+) model .* both in (\w+): max \|logit diff\| ([0-9.e+-]+) \(allowed", stdout)
+    assert match is not None, stdout
+    assert match.group(1) == match.group(2) == "bfloat16"
+    assert float(match.group(3)) > 0, "bf16 rounding makes merged and unmerged logits differ"

@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-fraction", type=R.HELD_OUT_FRACTION, default=0.05, help="share of --data held out, in [0, 1)"
     )
     io.add_argument("--out", required=True, help="folder for the adapter, loss.png and train_metrics.json")
-    io.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoint already in --out")
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that is not empty: replaces the adapter, checkpoint, "
+        "loss.png and train_metrics.json, keeps every other file",
+    )
     io.add_argument("--resume", action="store_true", help="continue from --out/checkpoint (same command as before)")
     io.add_argument("--plot", default=None, help="loss-curve PNG (default OUT/loss.png; 'none' to skip)")
     tr = parser.add_argument_group("training")
@@ -118,26 +123,38 @@ def _describe_adapter(folder: Path) -> str:
         return "unreadable adapter_config.json"
 
 
+OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md", "loss.png", "train_metrics.json")
+"""Files a run writes in --out (besides checkpoint/ and initial_adapter/); --overwrite replaces these only."""
+
+
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing adapter or checkpoint unless asked to (--overwrite / --resume)."""
-    from .train_state import checkpoint_dir
+    """Refuse a folder holding an adapter, a checkpoint or any other file unless asked to (--overwrite / --resume);
+    then make sure it is writable, before anything is loaded."""
+    from .output_dir import ensure_writable, foreign_entries, listing
+    from .train_state import CHECKPOINT_DIR, checkpoint_dir
 
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} is a file; give a folder.")
     if resume and overwrite:
         raise CliError("--resume and --overwrite contradict each other; pick one.")
-    if resume:
-        return
-    if (out / "adapter_config.json").is_file() and not overwrite:
-        raise CliError(
-            f"--out {str(out)!r} already holds an adapter ({_describe_adapter(out)}); pass --overwrite to replace it "
-            "or choose another folder."
-        )
-    if checkpoint_dir(out).is_dir() and not overwrite:
-        raise CliError(
-            f"--out {str(out)!r} holds the checkpoint of an interrupted run; pass --resume to continue it or "
-            "--overwrite to start over."
-        )
+    if not resume and not overwrite:
+        if (out / "adapter_config.json").is_file():
+            raise CliError(
+                f"--out {str(out)!r} already holds an adapter ({_describe_adapter(out)}); pass --overwrite to replace "
+                "it or choose another folder."
+            )
+        if checkpoint_dir(out).is_dir():
+            raise CliError(
+                f"--out {str(out)!r} holds the checkpoint of an interrupted run; pass --resume to continue it or "
+                "--overwrite to start over."
+            )
+        foreign = foreign_entries(out, ours=(f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old"))
+        if foreign:
+            raise CliError(
+                f"--out {str(out)!r} holds files lorakit train did not write ({listing(foreign)}); choose an empty "
+                f"folder, or pass --overwrite to write beside them (replacing {', '.join(OUTPUTS)} if present)."
+            )
+    ensure_writable(out)
 
 
 # ---------------------------------------------------------------- model and adapter
