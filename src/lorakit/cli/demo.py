@@ -99,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
     print("$ lorakit train " + shlex.join(argv), flush=True)
     outcome = train.train(_parse_train(argv))
     if not outcome.completed:
-        sys.stderr.write(f"lorakit demo: interrupted; checkpoint in {outcome.out / 'checkpoint'}\n")
-        return 130
+        sys.stderr.write(
+            f"lorakit demo: interrupted ({outcome.stopped_by}); checkpoint in {outcome.out / 'checkpoint'}\n"
+        )
+        return outcome.exit_code
     same, total, diff = reload_check(outcome, args)
     before, after = outcome.before.exact_match, outcome.after.exact_match
     print(f"reloaded {outcome.out}: {same}/{total} generations identical to the trained model's, max |logit diff| "

@@ -4,8 +4,8 @@
 
 Evaluates on a held-out split before and after (loss, and exact match with --eval-generate), shows a progress bar,
 writes OUT/adapter_config.json + OUT/adapter_model.safetensors, OUT/loss.png and OUT/train_metrics.json. Ctrl-C
-saves OUT/checkpoint/; the same command with --resume continues from it.
-"""
+or SIGTERM saves OUT/checkpoint/ (exit 130 / 143); the same command with --resume continues from it. --out must be
+new or empty unless --overwrite (which replaces only the files above) or --resume."""
 
 from __future__ import annotations
 
@@ -112,6 +112,8 @@ class TrainOutcome:
     plot: Path | None = None
     steps: int = 0
     seconds: float = 0.0
+    stopped_by: str | None = None  # "Ctrl-C" or "SIGTERM" when a signal stopped the run
+    exit_code: int = 0
 
 
 # ---------------------------------------------------------------- output folder
@@ -345,7 +347,7 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
     from .evaluation import held_out_loss
     from .progress import make_progress
     from .train_state import INITIAL_DIR, remove_checkpoint, restore_rng, save_checkpoint
-    from .trainer import train_steps
+    from .trainer import stop_on_signals, train_steps
 
     stream = stream or sys.stdout
     run = prepare(args)
@@ -357,22 +359,25 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
     print(f"before: {before.summary()}", file=stream)
     if run.payload is not None:
         restore_rng(run.payload["rng"])
-    completed = train_steps(
-        peft_model,
-        optimizer,
-        run.train_rows,
-        run.settings,
-        state,
-        device=run.device,
-        pad_id=run.tokenizer.pad_token_id,
-        progress=make_progress(args.progress, run.settings.max_steps, state.step),
-        save=lambda: save_checkpoint(run.out, peft_model, optimizer, state, run.info),
-        evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches else None,
-        on_step=on_step,
-    )
+    with stop_on_signals() as stop:
+        completed = train_steps(
+            peft_model,
+            optimizer,
+            run.train_rows,
+            run.settings,
+            state,
+            device=run.device,
+            pad_id=run.tokenizer.pad_token_id,
+            progress=make_progress(args.progress, run.settings.max_steps, state.step),
+            save=lambda: save_checkpoint(run.out, peft_model, optimizer, state, run.info),
+            evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches else None,
+            on_step=on_step,
+            stop=stop,
+        )
     outcome = TrainOutcome(run.out, completed, peft_model, run.tokenizer, before, pairs=run.pairs, steps=state.step)
     outcome.seconds = state.seconds
     if not completed:
+        outcome.stopped_by, outcome.exit_code = stop.name, stop.exit_code
         return outcome
     peft_model.eval()
     outcome.after = _measure(run, peft_model, batches)
@@ -424,10 +429,10 @@ def run(args: argparse.Namespace) -> int:
     outcome = train(args)
     if not outcome.completed:
         sys.stderr.write(
-            f"lorakit train: interrupted at step {outcome.steps}; checkpoint saved to {outcome.out / 'checkpoint'}. "
-            "Run the same command with --resume to continue.\n"
+            f"lorakit train: interrupted at step {outcome.steps} ({outcome.stopped_by}); checkpoint saved to "
+            f"{outcome.out / 'checkpoint'}. Run the same command with --resume to continue.\n"
         )
-        return INTERRUPTED
+        return outcome.exit_code or INTERRUPTED
     files = ", ".join(p.name for p in sorted(outcome.out.glob("adapter_*")))
     plot = f"; loss curve {outcome.plot}" if outcome.plot else ""
     print(f"saved adapter to {outcome.out} ({files}){plot}")

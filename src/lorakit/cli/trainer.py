@@ -51,15 +51,33 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
-class StopRequest:
-    """Set by the first Ctrl-C: the loop finishes its step, saves a checkpoint and returns."""
+STOP_SIGNALS: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+"""Signals that stop training after the current step with a checkpoint (SIGTERM: `kill`, schedulers, containers)."""
 
-    requested = False
+
+class StopRequest:
+    """Set by the first stop signal: the loop finishes its step, saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return STOP_SIGNALS.get(self.signum, f"signal {self.signum}") if self.signum is not None else "nothing"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's convention (130 after Ctrl-C, 143 after SIGTERM)."""
+        return 128 + (self.signum or 0)
 
 
 @contextlib.contextmanager
-def ctrl_c_saves() -> Iterator[StopRequest]:
-    """Turn SIGINT into a stop request while training (a second Ctrl-C aborts at once)."""
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Turn SIGINT and SIGTERM into a stop request while training (a second one aborts at once)."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -68,14 +86,15 @@ def ctrl_c_saves() -> Iterator[StopRequest]:
     def handler(signum: int, frame: object) -> None:
         if stop.requested:
             raise KeyboardInterrupt
-        stop.requested = True
-        sys.stderr.write("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)\n")
+        stop.signum = signum
+        sys.stderr.write(f"\n{stop.name}: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class Throughput:
@@ -129,16 +148,19 @@ def train_steps(
     save: Callable[[], None],
     evaluate: Callable[[], float] | None = None,
     on_step: Callable[[int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> bool:
-    """Run optimiser steps from ``state.step`` to ``s.max_steps``; returns False if stopped by Ctrl-C (after
-    saving a checkpoint), True when all steps ran. ``state`` is updated in place."""
+    """Run optimiser steps from ``state.step`` to ``s.max_steps``; returns False if ``stop`` was requested (by
+    ``stop_on_signals``: Ctrl-C, SIGTERM) after saving a checkpoint, True when all steps ran. ``state`` is updated
+    in place."""
     params = [p for p in model.parameters() if p.requires_grad]
     micro_step = _micro_step(model, s)
     speed = Throughput()
     smoothed: float | None = state.losses[-1][1] if state.losses else None
     model.train()
     width = max(len(r.input_ids) for r in rows) if s.cuda_graph else None  # one shape for every batch
-    with ctrl_c_saves() as stop, progress:
+    stop = stop or StopRequest()
+    with progress:
         while state.step < s.max_steps:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
