@@ -156,6 +156,18 @@ def _vocab_resized(peft_model: nn.Module, config: LoraConfig) -> bool:
     return base_vocab != vocab
 
 
+def _embedding_layers(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input, output) embeddings; None for one a model cannot name (transformers raises NotImplementedError for
+    models without token embeddings, e.g. Wav2Vec2ForCTC, whose ``lm_head`` all-linear targets)."""
+    layers: list[nn.Module | None] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layers.append(getattr(model, getter)())
+        except (NotImplementedError, AttributeError):
+            layers.append(None)
+    return layers[0], layers[1]
+
+
 def _embedding_tensors(
     peft_model: nn.Module, full: dict, keys: AdapterKeys, config: LoraConfig, mode: bool | str
 ) -> dict[str, torch.Tensor]:
@@ -167,7 +179,7 @@ def _embedding_tensors(
         return {}
     out: dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in peft_model.named_modules()}
-    for layer in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings()):
+    for layer in _embedding_layers(peft_model):
         # when embeddings are targeted only the wrapped ones are saved; after a resize, both
         if layer is None or id(layer) not in names or (targeted and not isinstance(layer, LoraLayer)):
             continue
