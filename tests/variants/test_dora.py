@@ -324,7 +324,8 @@ def test_linear_function_gradients_match_autograd_in_float64(dropout, with_bias)
 
 
 def test_linear_function_keeps_only_x_the_rank_r_product_and_its_output_for_backward():
-    """No bias, no dropout: the magnitude's gradient is read off the output, which the next layer keeps anyway."""
+    """No bias, no dropout, and a way to form the base output again (``again``, for when the caller edits y in
+    place): the magnitude's gradient is read off the output, which the next layer keeps anyway."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 32, generator=g, requires_grad=True)
     weight = torch.randn(48, 32, generator=g)
@@ -335,7 +336,8 @@ def test_linear_function_keeps_only_x_the_rank_r_product_and_its_output_for_back
     result = x @ weight.T
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, 2.0, None)
+        again = lambda x: x @ weight.T  # noqa: E731
+        y = DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, 2.0, None, again)
     known = {t.untyped_storage().data_ptr() for t in (x, y, lora_a, lora_b, norm)}
     extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     extra = {ptr: n for ptr, n in extra.items() if ptr not in known}

@@ -24,8 +24,9 @@ without dropout (or in eval mode) and differs only in where the work happens, as
   Saved: x, hs, the cast A, B', W' (forming it again in backward cost a weight-sized pass, reading W and writing
   W', and two launches per layer: 3.9 GB of memory traffic per step of the 1.1B model, against 1.9 GB more peak
   memory), y (the output itself: the next layer usually keeps it anyway) and (out,) vectors.
-  (So an in-place op on the output, e.g. ReLU(inplace=True), makes backward raise autograd's in-place error, as the
-  reference path's ``DoraLinearFunction`` did.)
+  The caller may edit y in place (``y /= 2``, ``y += z``, as a plain ``nn.Linear``'s output): y is kept aside with
+  its version (``node_output``), not saved the usual way, and when it was edited backward forms it again from x
+  with the forward's own ops (one more (N, in) x (in, out) GEMM, only then), so the gradients do not change.
 * on CUDA with Triton (``dora_triton``), dm of a large layer is one read of g and y (by default), and with
   ``LORAKIT_DORA_TRITON=1`` the norm's tail and the factors are one launch per layer instead of the batched torch
   ops.
@@ -43,6 +44,7 @@ import torch
 from . import factor_casts
 from .dora_triton import use_triton, use_triton_grad
 from .lora_linear import cached_scalar, scaled_mm, weight_grad
+from .node_output import as_output, keep_output, kept_output
 
 _K_FLOOR = 1e-12  # |k| floor: y / k must give z back for the magnitude's gradient (as variants/dora_autograd.py)
 
@@ -232,7 +234,7 @@ def dora_linear_inference(
         triton = use_triton(x) and wsq.dtype == torch.float32
         factors = dora_factors(weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, triton=triton)
     out, _, _ = _forward_2d(x2, weight, bias, factors)
-    return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
+    return as_output(out, shape[:-1])
 
 
 class FusedDoraLinear(torch.autograd.Function):
@@ -262,29 +264,34 @@ class FusedDoraLinear(torch.autograd.Function):
                 weight, wsq, lora_a, lora_b, magnitude, scaling, x.dtype, with_inverse=need_dm, triton=triton
             )
         out, hs, wk = _forward_2d(x, weight, bias, f)
+        out = as_output(out, shape[:-1])  # (..., out), not a view: the caller may edit it in place
         ctx.shape, ctx.dtypes = shape, (lora_a.dtype, lora_b.dtype, magnitude.dtype, magnitude.shape)
         ctx.bias_dtype, ctx.scaling, ctx.kb_scale = (None if bias is None else bias.dtype), scaling, f.kb_scale
         ctx.triton_grad = need_dm and wsq.dtype == torch.float32 and use_triton_grad(x, weight.shape[0])
+        # dm reads y; if the caller edits it in place, backward forms it again from x, W, b and the factors
         ctx.save_for_backward(
-            x if need_da else None,
+            x if (need_da or need_dm) else None,
             wk if need_dx else None,
             bias if need_dm else None,
-            f.at if need_dx else None,
-            f.kb if (need_dx or need_da) else None,
+            f.at if (need_dx or need_dm) else None,
+            f.kb if (need_dx or need_da or need_dm) else None,
             hs if need_db else None,
-            out if need_dm else None,
-            f.k_col if need_db else None,
+            keep_output(ctx, out) if need_dm else None,
+            f.k_col if (need_db or need_dm) else None,
             f.inv if need_dm else None,
+            weight if need_dm else None,
         )
-        return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        x, wk, bias, at, kb, hs, y, k_col, inv = ctx.saved_tensors
+        x, wk, bias, at, kb, hs, y, k_col, inv, weight = ctx.saved_tensors
         need_dx, _, need_dbias, need_da, need_db, need_dm = ctx.needs_input_grad[:6]
         a_dtype, b_dtype, m_dtype, m_shape = ctx.dtypes
         g = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, out)
         acc = accumulation_dtype(g.dtype)
+        if need_dm:  # the output as the forward made it, (N, out)
+            y = _output_2d(ctx, y, x, weight, bias, DoraFactors(k_col, inv, at, kb, ctx.kb_scale))
         dx = dbias = da = db = dm = None
         gkb = g @ kb if (need_dx or need_da) else None  # (N, out) @ (out, r) -> (N, r): (k g) B, over kb_scale / s
         if need_dx:
@@ -315,6 +322,22 @@ class FusedDoraLinear(torch.autograd.Function):
         if need_dbias:
             dbias = gsum.to(ctx.bias_dtype)
         return dx, None, dbias, da, db, dm, None, None, None
+
+
+def _output_2d(
+    ctx: Any,
+    saved: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    f: DoraFactors,
+) -> torch.Tensor:
+    """y (N, out) as the forward returned it: the kept output, or, when the caller edited it in place, formed again
+    by the forward's own ops (the same numbers)."""
+    y = kept_output(ctx, saved)
+    if y is None:
+        y, _, _ = _forward_2d(x, weight, bias, f)
+    return y if y.dim() == 2 else y.view(-1, y.shape[-1])
 
 
 def fused_dora_linear(

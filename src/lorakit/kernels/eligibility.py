@@ -52,6 +52,14 @@ def dropout_probability(module: nn.Module) -> float | None:
     return None
 
 
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Saved-tensor hooks (non-reentrant checkpointing, offloading) are installed (unknown: assume they are)."""
+    return _top_hooks is None or _top_hooks(True) is not None
+
+
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import factor_casts
+from .node_output import as_output
 
 
 def reference_lora_linear(
@@ -209,7 +210,7 @@ class FusedLoraLinear(torch.autograd.Function):
             b if (need_dx or need_da) else None,
             h if need_db else None,
         )
-        return out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1])
+        return as_output(out, shape[:-1])  # (..., out), not a view: the caller may edit it in place
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
@@ -286,7 +287,7 @@ def fused_call(
     if x.dim() == 2:
         return lora_linear_inference(x, weight, bias, lora_a, lora_b, scaling)
     out = lora_linear_inference(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return as_output(out, x.shape[:-1])
 
 
 def fast_lora_term(

@@ -26,6 +26,7 @@ import torch
 
 from . import factor_casts
 from .lora_linear import _lora_plus_base, scaled_mm, weight_grad
+from .node_output import as_output
 
 PER_MEMBER = 4  # (weight, bias, lora_a, lora_b) per member in the node's flat argument list
 
@@ -46,7 +47,7 @@ def _member_outputs(shape: torch.Size, x2: torch.Tensor, h: torch.Tensor, weight
     hs = h.split([b.shape[1] for b in bs], dim=1)  # one call for every member's (N, r_i) view
     for weight, bias, b, scaling, h_i in zip(weights, biases, bs, scalings, hs):
         out = _lora_plus_base(x2, weight, bias, h_i, b, scaling)  # (N, out_i)
-        outs.append(out if len(shape) == 2 else out.view(*shape[:-1], out.shape[-1]))
+        outs.append(as_output(out, shape[:-1]))  # not a view: a caller may edit it in place
     return outs
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .adapter_stack import cast_factors
+from .eligibility import saved_tensor_hooks_active
 from .factor_casts import current
 from .shared_input_linear import shared_input_inference, shared_input_lora
 
@@ -37,12 +38,6 @@ if TYPE_CHECKING:
     from .linear_dispatch import FusedPlan
 
 ENABLED = True
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
-def saved_tensor_hooks_active() -> bool:
-    """Saved-tensor hooks (non-reentrant checkpointing, offloading) are installed (unknown: assume they are)."""
-    return _top_hooks is None or _top_hooks(True) is not None
 
 
 class SharedInputs:

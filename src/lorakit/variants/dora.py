@@ -209,6 +209,33 @@ def _reuses_base(layer: LoraLayer, name: str) -> bool:
     return isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training
 
 
+def _first_applied(layer: LoraLayer, name: str) -> bool:
+    """Adapter ``name`` is the first one ``LoraLayer.forward`` applies, so the result it gets is the base output."""
+    for other in layer._active_adapters:
+        if other == name:
+            return True
+        if other in layer.adapters and other not in layer.merged_adapters:
+            return False
+    return False
+
+
+def _again(layer: LoraLayer, name: str, device: str, lora: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """What DoRA's autograd functions call in backward when the caller edited their output in place (they keep the
+    output instead of z, and need z again then): x -> the base output for x (and the LoRA term, given ``lora``),
+    under the forward's autocast. It holds no tensor (x comes from the function's saved tensors). None, so that z
+    is saved instead, where the base output alone is not what the adapter got (another adapter came first)."""
+    if not _first_applied(layer, name):
+        return None
+    enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+    def again(x: torch.Tensor):
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            result = layer.base_layer(x)
+            return result if lora is None else (result, lora(x))
+
+    return again
+
+
 def _forward_linear(
     variant: DoraVariant, layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor
 ) -> torch.Tensor:
@@ -219,7 +246,8 @@ def _forward_linear(
     lora_a, lora_b = layer._factors(name)
     scaling = layer.adapters[name].scaling
     if _reuses_base(layer, name):
-        return DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, scaling, layer.bias)
+        again = _again(layer, name, x.device.type)
+        return DoraLinearFunction.apply(x, result, None, lora_a, lora_b, magnitude, norm, scaling, layer.bias, again)
     x = layer.lora_dropout[name](x)
     wx = torch.nn.functional.linear(x.to(weight2d.dtype), weight2d)  # (..., in) -> (..., out), no bias
     return DoraLinearFunction.apply(x, result, wx, lora_a, lora_b, magnitude, norm, scaling, None)
@@ -236,11 +264,13 @@ def _forward_conv(
     reuse = _reuses_base(layer, name)
     if not reuse:
         x = layer.lora_dropout[name](x)
+    scaling = layer.adapters[name].scaling
     # (N, in, *S) -> (N, r, *S') -> (N, out, *S')
-    lora = lora_b(lora_a(x.to(lora_a.weight.dtype))) * layer.adapters[name].scaling
+    lora = lora_b(lora_a(x.to(lora_a.weight.dtype))) * scaling
     if reuse:
         bias = None if base.bias is None else base.bias.view(magnitude.shape)
-        return DoraScaleFunction.apply(result, None, lora, magnitude, norm, bias)
+        again = _again(layer, name, x.device.type, lambda x: lora_b(lora_a(x.to(lora_a.weight.dtype))) * scaling)
+        return DoraScaleFunction.apply(result, None, lora, magnitude, norm, bias, again, x)
     wx = base._conv_forward(x.to(base.weight.dtype), base.weight, None)
     return DoraScaleFunction.apply(result, wx, lora, magnitude, norm, None)
 
@@ -252,7 +282,8 @@ def _forward_embedding(
     magnitude = layer.lora_magnitude_vector[name].weight
     norm = variant.current_norm(layer, name)
     lora = layer._lora_term(name, x)  # (..., dim), scaled (and by the base's embed_scale, if any)
-    return DoraScaleFunction.apply(result, None, lora, magnitude, norm, None)
+    again = _again(layer, name, x.device.type, lambda x: layer._lora_term(name, x))
+    return DoraScaleFunction.apply(result, None, lora, magnitude, norm, None, again, x)
 
 
 _FORWARDS: dict[str, Callable[[DoraVariant, LoraLayer, str, torch.Tensor, torch.Tensor], torch.Tensor]] = {

@@ -19,6 +19,10 @@ What backward keeps: the layer input x (the low-rank gradient of A needs it anyw
 the magnitude, either z or, when y = k z exactly (reuse, no bias, bfloat16/float32/float64), the output y itself:
 the next layer usually saves y anyway (an activation's input, attention's v), so that costs nothing. k is kept
 at least 1e-12 away from 0 there so that y / k is z (a magnitude of exactly 0 would otherwise lose its gradient).
+Keeping y needs a way to form z again: the caller may edit y in place (``y /= 2``, ``y += z``, as a plain layer's
+output), so y is kept aside with its version (``kernels.node_output``), and if it was edited backward forms z from
+the base output again (``again``, given by the caller: the base layer called on the saved x once more; without
+it, z is saved instead of y). Outputs are never views, so in-place edits of them are allowed.
 
 The matmuls run in the base output's dtype with float32 accumulation, like torch.autocast, while A, B and m keep
 their own (e.g. float32) dtype. The output is formed in float32 and rounded once: rounding z first and scaling it by
@@ -32,6 +36,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from ..kernels.node_output import as_output, keep_output, kept_output
 
 
 @contextlib.contextmanager
@@ -85,20 +91,21 @@ def _magnitude_grad(
 class DoraLinearFunction(torch.autograd.Function):
     """DoRA on a linear layer, low-rank path included: one fused function, no float32 copy of x kept.
 
-    forward(x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias) -> y
+    forward(x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias, again) -> y
         x: (..., in) the adapter's input (after dropout when ``wx`` is given)
         result: (..., out) the base layer's output, bias included
         wx: (..., out) W x' without bias when dropout is active, else None (W x is taken from ``result``)
         lora_a: (r, in); lora_b: (out, r); magnitude: (out,); norm: (out,) float32, detached
         scaling: s; bias: (out,) or None, the base bias (only used when ``wx`` is None)
-        y: (..., out) in ``result``'s dtype
+        again: None, or a callable giving ``result`` again from x (backward calls it if y was edited in place)
+        y: (..., out) in ``result``'s dtype, not a view
     """
 
     @staticmethod
-    def forward(ctx, x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias):
+    def forward(ctx, x, result, wx, lora_a, lora_b, magnitude, norm, scaling, bias, again=None):
         out_features, dtype = result.shape[-1], result.dtype
         acc = accumulation_dtype(dtype)
-        holds_y = _output_holds_z(wx is None, bias, dtype)
+        holds_y = again is not None and _output_holds_z(wx is None, bias, dtype)
         with _autocast_off(result.device):
             res2 = result.reshape(-1, out_features)
             k = magnitude.detach().reshape(-1).to(acc) / norm.to(acc)  # (out,)
@@ -117,18 +124,36 @@ class DoraLinearFunction(torch.autograd.Function):
             else:
                 z = wx.reshape(-1, out_features).to(acc) + lora
                 y = torch.addcmul(lora.add_(res2), z, k - 1).to(dtype)  # result + s B A x' + (k - 1) z
-        ctx.save_for_backward(x, ax, lora_a, lora_b, y if holds_y else z.to(dtype), k, norm)
+        y = as_output(y, result.shape[:-1])  # (..., out), not a view: the caller may edit it in place
+        ctx.again = again if holds_y else None  # holds no tensor: x comes from the saved tensors
+        ctx.save_for_backward(x, ax, lora_a, lora_b, keep_output(ctx, y) if holds_y else z.to(dtype), k, norm)
         ctx.scaling, ctx.reuse, ctx.holds_y = scaling, wx is None, holds_y
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(result.shape)
+        return y
+
+    @staticmethod
+    def _saved_z_or_y(ctx, saved, x, ax, lora_b) -> tuple[torch.Tensor, bool]:
+        """(y, True) as the forward made it, or (z, False) formed again when the caller edited y in place; (N, out)."""
+        if not ctx.holds_y:
+            return saved, False
+        y = kept_output(ctx, saved)
+        if y is not None:
+            return y.reshape(-1, y.shape[-1]), True
+        result = ctx.again(x)  # the base output again (holds_y: no bias, result = W x)
+        acc = accumulation_dtype(result.dtype)
+        with _autocast_off(result.device):
+            lora = ax.to(acc) @ (lora_b.to(acc) * ctx.scaling).T  # (N, r) @ (r, out) -> (N, out), as the forward
+            z = lora.add_(result.reshape(-1, result.shape[-1]))
+        return z.to(result.dtype), False
 
     @staticmethod
     def backward(ctx, grad_out):
         x, ax, lora_a, lora_b, saved, k, norm = ctx.saved_tensors
+        saved, holds_y = DoraLinearFunction._saved_z_or_y(ctx, saved, x, ax, lora_b)
         need = ctx.needs_input_grad
         dtype, scaling = saved.dtype, ctx.scaling
-        grads: list[torch.Tensor | None] = [None] * 9
+        grads: list[torch.Tensor | None] = [None] * 10
         with _autocast_off(saved.device):
             g = grad_out.reshape(-1, saved.shape[-1]).to(dtype)
             km1 = (k - 1).to(dtype)
@@ -139,7 +164,7 @@ class DoraLinearFunction(torch.autograd.Function):
                 grads[2] = (g * km1).reshape(grad_out.shape)
             if need[5]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[5] = _magnitude_grad(g, saved, k, norm, ctx.holds_y).reshape(shape).to(mdtype)
+                grads[5] = _magnitude_grad(g, saved, k, norm, holds_y).reshape(shape).to(mdtype)
             if need[8] and ctx.reuse:
                 grads[8] = -(g * km1).sum(0, dtype=norm.dtype).to(ctx.bias_dtype)
             if need[4]:
@@ -157,21 +182,23 @@ class DoraLinearFunction(torch.autograd.Function):
 class DoraScaleFunction(torch.autograd.Function):
     """DoRA's rescaling around a low-rank term computed by autograd (Conv, Embedding).
 
-    forward(result, wx, lora, magnitude, norm, bias) -> y
+    forward(result, wx, lora, magnitude, norm, bias, again, x) -> y
         result: base output, e.g. (N, C, *S) for a conv or (..., C) for an embedding
         wx: W x' without bias, shaped like ``result``, when dropout is active; else None
         lora: s B A x', shaped like ``result``
         magnitude: broadcastable against ``result`` along the channel axis, e.g. (1, C, 1, 1) or (C,)
         norm: float32, shaped like ``magnitude``, detached
         bias: the base bias viewed to broadcast like ``magnitude``, or None (only used when ``wx`` is None)
-        y: shaped like ``result``, in its dtype
+        again: None, or a callable giving (result, lora) again from x (backward calls it if y was edited in place)
+        x: the layer's input (only used with ``again``)
+        y: shaped like ``result``, in its dtype, not a view
     """
 
     @staticmethod
-    def forward(ctx, result, wx, lora, magnitude, norm, bias):
+    def forward(ctx, result, wx, lora, magnitude, norm, bias, again=None, x=None):
         dtype, lora_dtype = result.dtype, lora.dtype
         acc = accumulation_dtype(dtype)
-        holds_y = _output_holds_z(wx is None, bias, dtype)
+        holds_y = again is not None and _output_holds_z(wx is None, bias, dtype)
         with _autocast_off(result.device):
             k = magnitude.detach().to(acc) / norm.to(acc)
             if holds_y:
@@ -186,7 +213,8 @@ class DoraScaleFunction(torch.autograd.Function):
                 z = wx.to(acc) + lora
                 y = torch.addcmul(lora + result, z, k - 1)
             y = y.to(dtype)
-        ctx.save_for_backward(y if holds_y else z.to(dtype), k, norm)
+        ctx.again = again if holds_y else None  # holds no tensor: x comes from the saved tensors
+        ctx.save_for_backward(keep_output(ctx, y) if holds_y else z.to(dtype), k, norm, x if holds_y else None)
         ctx.reuse, ctx.holds_y = wx is None, holds_y
         ctx.magnitude_meta = (magnitude.shape, magnitude.dtype)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -194,10 +222,24 @@ class DoraScaleFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    def _saved_z_or_y(ctx, saved, x) -> tuple[torch.Tensor, bool]:
+        """(y, True) as the forward made it, or (z, False) formed again when the caller edited y in place."""
+        if not ctx.holds_y:
+            return saved, False
+        y = kept_output(ctx, saved)
+        if y is not None:
+            return y, True
+        result, lora = ctx.again(x)  # holds_y: no bias, z = result + lora
+        with _autocast_off(result.device):
+            z = lora.to(accumulation_dtype(result.dtype)) + result
+        return z.to(result.dtype), False
+
+    @staticmethod
     def backward(ctx, grad_out):
-        saved, k, norm = ctx.saved_tensors
+        saved, k, norm, x = ctx.saved_tensors
+        saved, holds_y = DoraScaleFunction._saved_z_or_y(ctx, saved, x)
         need = ctx.needs_input_grad
-        grads: list[torch.Tensor | None] = [None] * 6
+        grads: list[torch.Tensor | None] = [None] * 8
         with _autocast_off(saved.device):
             g = grad_out.to(saved.dtype)
             km1 = (k - 1).to(saved.dtype)
@@ -210,7 +252,7 @@ class DoraScaleFunction(torch.autograd.Function):
                 grads[2] = gk.to(ctx.lora_dtype)
             if need[3]:
                 shape, mdtype = ctx.magnitude_meta
-                grads[3] = _magnitude_grad(g, saved, k, norm, ctx.holds_y).reshape(shape).to(mdtype)
+                grads[3] = _magnitude_grad(g, saved, k, norm, holds_y).reshape(shape).to(mdtype)
             if need[5] and ctx.reuse:
                 shape, bdtype = ctx.bias_meta
                 grads[5] = -_reduce_to(g * km1, shape, norm.dtype).to(bdtype)
