@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer, create_lora_layer
+from ..layers.direct_weight_reads import refuse_direct_weight_reads
 from ..targeting import (
     explain_no_match,
     is_target,
@@ -91,6 +92,7 @@ def inject_lora(
     asked_modules = config.target_modules
     retargeted = retarget_fused_experts(model, config)
     targets = find_targets(model, config)
+    refuse_direct_weight_reads(model, targets)  # modules a model reads by weight (Mamba's out_proj): LoRA skipped
     # Build every new layer before touching the model, so an unsupported module leaves the model as it was.
     modules = {name: model.get_submodule(name) for name in targets}
     saved = [n for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)]
