@@ -267,6 +267,7 @@ def load_adapter_weights(
 ) -> LoadResult:
     """Copy disk-format ``tensors`` into adapter ``adapter_name``; returns the missing and unexpected in-memory
     keys. Shapes are all checked before anything is written."""
+    check_values(tensors, source)  # named by the file's own keys
     memory = to_memory_keys(model, tensors, adapter_name)
     own = model.state_dict()
     if ignore_mismatched_sizes:
@@ -279,7 +280,6 @@ def load_adapter_weights(
             "Was it trained on another base model or with other target modules?"
         )
     check_ownership(model, memory, adapter_name, source)
-    check_values(memory, source)
     keys = AdapterKeys(model)
     expected = [k for k in own if keys.adapter_of(k) == adapter_name]
     missing = sorted(k for k in expected if k not in memory)

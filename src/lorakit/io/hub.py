@@ -28,6 +28,8 @@ def resolve_file(
         candidate = local / filename
         if candidate.is_file():
             return candidate
+        if candidate.exists():
+            raise IsADirectoryError(f"{candidate} is a directory (or another non-file); {filename} must be a file.")
         if required:
             present = sorted(p.name for p in local.iterdir())
             raise FileNotFoundError(f"No {filename} in {str(local)!r}; the folder holds: {present or 'nothing'}.")
