@@ -1,4 +1,5 @@
-"""A plain transformers.Trainer (not LorakitTrainer) keeps the model's input columns and trains a task model."""
+"""A plain transformers.Trainer given a lorakit model is refused at construction with one clear message; the task
+models keep their input columns and train with LorakitTrainer."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class Rows(torch.utils.data.Dataset):
         return row
 
 
-def _train(model, dataset, tmp_path) -> list[float]:
-    args = transformers.TrainingArguments(
+def _args(tmp_path, **kw):
+    return transformers.TrainingArguments(
         str(tmp_path),
         max_steps=6,
         per_device_train_batch_size=4,
@@ -39,15 +40,20 @@ def _train(model, dataset, tmp_path) -> list[float]:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
-        save_strategy="no",
+        **{"save_strategy": "no", **kw},
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+
+
+def _train(model, dataset, tmp_path) -> list[float]:
+    from lorakit.integrations.transformers import LorakitTrainer
+
+    trainer = LorakitTrainer(model=model, args=_args(tmp_path), train_dataset=dataset)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])
-def test_plain_trainer_keeps_inputs_and_loss_falls(task, tmp_path):
+def test_task_models_keep_inputs_and_loss_falls(task, tmp_path):
     base = tiny_llama() if task == "CAUSAL_LM" else tiny_bert_cls()
     targets = ["q_proj", "v_proj"] if task == "CAUSAL_LM" else ["query", "value"]
     model = lorakit.get_peft_model(base, lorakit.LoraConfig(task_type=task, target_modules=targets, r=4))
@@ -65,3 +71,25 @@ def test_named_forward_passes_positional_inputs_through():
     ids = torch.randint(1, 96, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_plain_trainer_is_refused_at_construction(tied, tmp_path):
+    """Before: on tied embeddings the first checkpoint died in safetensors ("Some tensors share memory"); untied, every
+    checkpoint held the whole model and the final save had no adapter_config.json."""
+    base = tiny_llama()
+    if tied:
+        base.config.tie_word_embeddings = True
+        base.tie_weights()
+        assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4))
+    with pytest.raises(TypeError, match=r"^Trainer was given a lorakit model.*LorakitTrainer.*integrations\.trl"):
+        transformers.Trainer(model=model, args=_args(tmp_path, save_strategy="steps", save_steps=1))
+    assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_refusal_only_concerns_trainers():
+    """Reading the same attribute or the state dict outside a Trainer works as before."""
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], r=4))
+    assert hasattr(model, "accepts_loss_kwargs") == hasattr(model.get_base_model(), "accepts_loss_kwargs")
+    assert any("lora_A" in k for k in model.state_dict())

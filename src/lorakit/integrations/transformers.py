@@ -99,6 +99,9 @@ def _is_causal_lm(model: nn.Module) -> bool:
 class LorakitTrainerMixin:
     """Makes a ``transformers.Trainer`` (sub)class treat lorakit models as it treats PEFT models. See the module doc."""
 
+    lorakit_aware = True  # a plain Trainer given a lorakit model is refused (``lorakit.trainer_seam``); this one is not
+    _lorakit_introspect = True  # redo the Trainer's model introspection on the base model (TRL classes do their own)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         model = lorakit_model(self.model)
@@ -109,7 +112,17 @@ class LorakitTrainerMixin:
                 "LorakitTrainer does not support DeepSpeed or FSDP yet (they gather a state dict to save); train on "
                 "one device or with DDP."
             )
-        self._inspect_base_model(model.get_base_model())
+        if self._lorakit_introspect:
+            self._inspect_base_model(model.get_base_model())
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        """DDP without ``find_unused_parameters``: only the active adapters train, and every one of them is used."""
+        built = super()._build_accelerator_args(**kwargs)
+        if lorakit_model(self.model) is not None and self.args.ddp_find_unused_parameters is None:
+            for handler in built.get("kwargs_handlers", ()):
+                if hasattr(handler, "find_unused_parameters"):
+                    handler.find_unused_parameters = False
+        return built
 
     def _inspect_base_model(self, base: nn.Module) -> None:
         """Redo the Trainer's model introspection on the base model instead of the wrapper's ``forward(*args)``."""
@@ -127,7 +140,7 @@ class LorakitTrainerMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         model = lorakit_model(self.model)
-        if self._signature_columns is None and model is not None:
+        if self._signature_columns is None and model is not None and self._lorakit_introspect:
             columns = list(inspect.signature(model.get_base_model().forward).parameters)
             self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names} - set(columns))
         super()._set_signature_columns_if_needed()
