@@ -110,7 +110,7 @@ def test_flags_parse_into_lora_config():
 class _CtrlCAtStep2(progress.NoProgress):
     """A progress display that presses Ctrl-C (a real SIGINT) after step 2."""
 
-    def update(self, step, loss, tokens_per_s):
+    def update(self, step, loss, avg_loss, tokens_per_s):
         if step == 2:
             signal.raise_signal(signal.SIGINT)
 

@@ -1,4 +1,7 @@
-"""Training progress: a bar with loss, tokens/s and ETA (rich if installed, else tqdm), or plain log lines.
+"""Training progress: a bar with the losses, tokens/s and ETA (rich if installed, else tqdm), or plain log lines.
+
+Two losses are shown, labelled: ``loss`` is the last optimiser step's training loss (noisy: one batch), and
+``loss(avg)`` its exponential moving average (weight 0.1 on each new step, so roughly the last ten steps).
 
 ``make_progress`` picks the display from a table: a terminal gets a live bar, a pipe or file gets a line every
 tenth of the run, so logs stay readable.
@@ -17,8 +20,9 @@ class Progress(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Called after optimiser step ``step`` (1-based) with the smoothed loss and the recent throughput."""
+    def update(self, step: int, loss: float, avg_loss: float, tokens_per_s: float) -> None:
+        """Called after optimiser step ``step`` (1-based) with its loss, the moving average of the step losses and
+        the recent throughput."""
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
@@ -45,13 +49,15 @@ class RichProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("loss(avg) {task.fields[avg]:.4f}"),
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             TimeElapsedColumn(),
             console=Console(file=stream),
         )
-        self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+        nan = float("nan")
+        self.task = self.bar.add_task("train", total=total, completed=start, loss=nan, avg=nan, tps=0.0)
 
     def __enter__(self) -> RichProgress:
         self.bar.start()
@@ -60,8 +66,8 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.bar.update(self.task, completed=step, loss=loss, tps=tokens_per_s)
+    def update(self, step: int, loss: float, avg_loss: float, tokens_per_s: float) -> None:
+        self.bar.update(self.task, completed=step, loss=loss, avg=avg_loss, tps=tokens_per_s)
 
 
 class TqdmProgress:
@@ -76,8 +82,9 @@ class TqdmProgress:
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    def update(self, step: int, loss: float, avg_loss: float, tokens_per_s: float) -> None:
+        postfix = {"loss": f"{loss:.4f}", "loss(avg)": f"{avg_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
 
 
@@ -95,12 +102,13 @@ class LineProgress:
     def __exit__(self, *exc: object) -> None:
         self.stream.flush()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, avg_loss: float, tokens_per_s: float) -> None:
         if step % self.every and step != self.total:
             return
         eta = _eta(step - self.start, self.total - self.start, time.perf_counter() - self.t0)
         self.stream.write(
-            f"  step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"  step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  loss(avg) {avg_loss:.4f}  "
+            f"{tokens_per_s:,.0f} tok/s  "
             f"ETA {eta}\n"
         )
         self.stream.flush()
@@ -116,7 +124,7 @@ class NoProgress:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, avg_loss: float, tokens_per_s: float) -> None:
         pass
 
 

@@ -135,6 +135,14 @@ def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict], torch.Te
     return replay
 
 
+def _moving_average(losses: list[tuple[int, float]]) -> float | None:
+    """The exponential moving average (0.9 old + 0.1 new) of the step losses so far (a resumed run continues it)."""
+    average = None
+    for _, loss in losses:
+        average = loss if average is None else 0.9 * average + 0.1 * loss
+    return average
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -156,7 +164,7 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     micro_step = _micro_step(model, s)
     speed = Throughput()
-    smoothed: float | None = state.losses[-1][1] if state.losses else None
+    average: float | None = _moving_average(state.losses)
     model.train()
     width = max(len(r.input_ids) for r in rows) if s.cuda_graph else None  # one shape for every batch
     stop = stop or StopRequest()
@@ -181,8 +189,8 @@ def train_steps(
             state.tokens += tokens
             state.seconds += elapsed
             state.losses.append((state.step, loss_sum))
-            smoothed = loss_sum if smoothed is None else 0.9 * smoothed + 0.1 * loss_sum
-            progress.update(state.step, smoothed, speed.add(elapsed, tokens))
+            average = loss_sum if average is None else 0.9 * average + 0.1 * loss_sum
+            progress.update(state.step, loss_sum, average, speed.add(elapsed, tokens))
             if evaluate is not None and s.eval_every and state.step % s.eval_every == 0 and state.step < s.max_steps:
                 state.evals.append((state.step, evaluate()))
                 model.train()
