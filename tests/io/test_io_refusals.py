@@ -113,6 +113,20 @@ def test_keys_outside_the_loaded_adapter_are_refused_by_name(tmp_path, case):
     _assert_unchanged(base_before, base)
 
 
+def test_embeddings_saved_on_request_for_an_unchanged_vocabulary_are_refused(tmp_path):
+    """save_embedding_layers=True writes the base embeddings even when nothing resized them; loading them back would
+    overwrite the base model's own, so they are refused as any base weight the adapter's config does not save."""
+    from models import tiny_llama
+
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], r=2))
+    model.save_pretrained(tmp_path, save_embedding_layers=True)
+    base = tiny_llama()
+    before = _state(base)
+    with pytest.raises(ValueError, match=r"2 base-model tensors .*lm_head\.weight.*save_embedding_layers=True"):
+        lorakit.PeftModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(before, base)
+
+
 def test_set_peft_model_state_dict_refuses_another_adapters_keys():
     model = _two_adapter_model()
     before = _state(model)

@@ -51,8 +51,15 @@ def check_ownership(model: nn.Module, memory: dict[str, torch.Tensor], adapter_n
         parts.append(f"{len(foreign)} tensors of other adapters: {shown}")
     if base:
         parts.append(f"{len(base)} base-model tensors this adapter does not save: {base[:5]}")
+    why = (
+        " Base tensors are taken only where the adapter's own config saves them (bias='all'/'lora_only', targeted "
+        "embedding layers, the embeddings of a resized vocabulary); save_embedding_layers=True on an unresized, "
+        "untargeted vocabulary saves base weights that lorakit does not load back."
+        if base
+        else ""
+    )
     raise ValueError(
         f"Adapter {source} may only fill the tensors of adapter {adapter_name!r}, but it would overwrite "
         + "; and ".join(parts)
-        + ". Nothing was loaded. The file was not written by save_pretrained for this adapter, or was altered."
+        + f". Nothing was loaded.{why} Otherwise the file was altered or written for another model."
     )
