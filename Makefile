@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := $(VENV)/.lorakit-installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean sweep
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The whole lorakit-vs-peft architecture sweep (tests/sweep; `make test` runs its fast subset); result in docs/sweep.md.
+sweep: $(STAMP)
+	LORAKIT_SWEEP=all $(PY) -m pytest -q -n 2 tests/sweep -rfx
 
 demo: $(STAMP)
 	$(PY) -m lorakit demo
