@@ -110,10 +110,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .loading import load_adapters, load_causal_lm, parse_adapter_specs
+    from .sources import check_adapter
 
     prompts = _prompts(args)
     specs = parse_adapter_specs(args.adapter)
     routes = route(prompts, args.prompt_adapter, [name for name, _ in specs])
+    for _, folder in specs:
+        check_adapter(folder)  # a mistyped folder fails now, not after loading the model
     torch.manual_seed(args.seed)
     model, tokenizer = load_causal_lm(args)
     if specs:

@@ -191,6 +191,9 @@ def _print_report(summary: dict[str, Any], layers: list[LayerReport], others: di
 
 
 def run(args: argparse.Namespace) -> int:
+    from .sources import check_adapter
+
+    check_adapter(args.adapter, "adapter")
     config, tensors = read_adapter(args.adapter)
     layers, others = analyse(config, tensors)
     summary = _summary(args.adapter, config, tensors, layers, others)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,47 +58,36 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return getattr(torch, name)
 
 
-def _looks_like_path(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or (os.sep != "/" and os.sep in model_id)
-
-
 def resolve_model(model_id: str, revision: str | None = None) -> Path:
-    """A local folder holding ``model_id``: the folder itself, or the Hub cache's snapshot (downloaded if online)."""
+    """A local folder holding ``model_id``: the folder itself, or the Hub cache's snapshot (downloaded if online).
+    A mistyped local name or an unusable Hub fails at once (``sources.check_source``)."""
+    from .sources import check_source
+
+    if not check_source("--model", model_id, bare_is_local=False, cached=lambda _: _cached(model_id, revision)):
+        return _cached(model_id, revision) or _download(model_id, revision)
     path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            present = sorted(p.name for p in path.iterdir())[:12]
-            raise CliError(
-                f"--model {model_id!r} is a folder without config.json (it holds: {present or 'nothing'}); "
-                "expected a transformers model folder."
-            )
-        return path
-    if path.exists():
-        raise CliError(f"--model {model_id!r} is a file; expected a model folder or a Hugging Face Hub id.")
-    if _looks_like_path(model_id):
-        raise CliError(f"--model {model_id!r}: no such folder.")
-    return _from_hub(model_id, revision)
+    if not (path / "config.json").is_file():
+        present = sorted(p.name for p in path.iterdir())[:12]
+        raise CliError(
+            f"--model {model_id!r} is a folder without config.json (it holds: {present or 'nothing'}); "
+            "expected a transformers model folder."
+        )
+    return path
 
 
-def _from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+def _cached(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise CliError(f"--model {repo_id!r} is neither a local folder nor a valid Hugging Face Hub id.") from None
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError):
-        pass
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
-        raise CliError(
-            f"--model {repo_id!r} is not a local folder and not in the Hugging Face cache, and the Hub is offline "
-            "(HF_HUB_OFFLINE=1): download it on a connected machine (`hf download ID`) or pass a local folder."
-        )
+        return None
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -176,7 +164,10 @@ def parse_adapter_specs(values: list[str]) -> list[tuple[str, str]]:
 def load_adapters(model: nn.Module, specs: list[tuple[str, str]]) -> PeftModel:
     """The model with every adapter of ``specs`` loaded (frozen, eval mode); the first one is active."""
     from ..peft_model import PeftModel
+    from .sources import check_adapter
 
+    for _, folder in specs:
+        check_adapter(folder)
     peft_model: PeftModel | None = None
     for name, folder in specs:
         try:

@@ -98,7 +98,9 @@ def merge(args: argparse.Namespace) -> tuple[Any, Any, Check | None]:
     """(merged model, tokenizer, the logit comparison or None when unchecked)."""
     from .errors import one_line
     from .loading import load_adapters, load_causal_lm
+    from .sources import check_adapter
 
+    check_adapter(args.adapter)  # a mistyped folder fails now, not after loading the model
     if args.dtype == "auto":
         args.dtype = "checkpoint"  # save the merged model in the dtype the base was stored in
     model, tokenizer = load_causal_lm(args)
@@ -121,8 +123,10 @@ def merge(args: argparse.Namespace) -> tuple[Any, Any, Check | None]:
 
 def run(args: argparse.Namespace) -> int:
     from .output_dir import publish, staging
+    from .sources import check_adapter
 
     out = Path(args.out).expanduser()
+    check_adapter(args.adapter)
     check_out(out, args.overwrite)
     merged, tokenizer, check = merge(args)
     with staging(out) as staged:
