@@ -24,6 +24,7 @@ from cases.common import llama_model
 NO_LAUNCH = {
     "view", "t", "unsqueeze", "expand", "detach", "_unsafe_view", "permute", "empty", "empty_like", "transpose",
     "reshape", "as_strided", "select", "unbind", "split", "split_with_sizes", "alias", "slice", "squeeze",
+    "resize_",  # the fused nodes' (N, out) -> (..., out) in place: same element count, metadata only
 }  # fmt: skip
 
 
