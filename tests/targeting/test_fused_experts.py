@@ -179,3 +179,17 @@ def test_model_type_table_agrees_with_transformers():
 
     theirs = {t: f for t, f in _MODEL_TO_CONVERSION_PATTERN.items() if f in ("mixtral", "qwen2_moe") and t.islower()}
     assert {t: f for t, f in MODEL_TYPE_FAMILIES.items() if t != "mixtral"} == theirs
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q_proj|w1|w3|w2|gate)"])
+def test_a_second_adapter_gets_the_same_targets(targets):
+    ref = peft.get_peft_model(tiny("mixtral"), peft.LoraConfig(target_modules=targets, init_lora_weights=False))
+    ref.add_adapter("two", peft.LoraConfig(target_modules=targets, init_lora_weights=False))
+    ours = lorakit.get_peft_model(tiny("mixtral"), lorakit.LoraConfig(target_modules=targets, init_lora_weights=False))
+    ours.add_adapter("two", lorakit.LoraConfig(target_modules=targets, init_lora_weights=False))
+    for name in ("default", "two"):
+        ref_sd = peft.get_peft_model_state_dict(ref, adapter_name=name)
+        assert _shapes(lorakit.get_peft_model_state_dict(ours, adapter_name=name)) == _shapes(ref_sd)
+        lorakit.set_peft_model_state_dict(ours, ref_sd, adapter_name=name)
+    ref.set_adapter("two"), ours.set_adapter("two")
+    torch.testing.assert_close(_logits(ours, IDS), _logits(ref, IDS), atol=1e-5, rtol=1e-5)

@@ -92,12 +92,14 @@ def family_of(model: nn.Module) -> ExpertRenames | None:
 
 
 def _parameter_owners(model: nn.Module, name: str) -> list[str]:
-    """Paths of the modules that own a 3-D parameter called ``name`` (the fused experts)."""
-    return [
+    """Paths of the modules that own a 3-D parameter called ``name`` (the fused experts), as the user's model names
+    them (the ``base_layer`` hops of adapters added before left out)."""
+    paths = [
         path
         for path, module in model.named_modules()
         if getattr(module, "_parameters", {}).get(name) is not None and module._parameters[name].dim() == 3
     ]
+    return list(dict.fromkeys(re.sub(r"(\.base_layer)+$", "", p) for p in paths))
 
 
 def _check_fused_complete(family: ExpertRenames, wanted: set[str]) -> None:
