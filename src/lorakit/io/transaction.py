@@ -49,11 +49,19 @@ def _step(name: str) -> None:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data, or a folder's entries (renames); a folder that cannot be opened or flushed (Windows,
+    some network filesystems) is skipped: its renames happened, only their durability across a power cut is lost."""
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems (and Windows for folders) cannot fsync a folder; the rename still happened
-        if path.is_file():
+    except OSError:
+        if not is_dir:
             raise
     finally:
         os.close(fd)
@@ -177,7 +185,7 @@ def write_transaction(folder: Path, writers: Mapping[str, Writer], weights_names
     that are neither written nor weights (a README kept as it is, other adapters' subfolders, the user's files) are
     not touched."""
     folder.mkdir(parents=True, exist_ok=True)
-    file_names = (*weights_names, *writers)
+    file_names = (*weights_names, *writers, CONFIG_NAME, "README.md")  # whose .<name>.*.tmp older saves left
     with folder_lock(folder, exclusive=True):
         finish_interrupted(folder, weights_names)
         remove_leftovers(folder, file_names)
