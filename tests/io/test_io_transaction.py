@@ -257,3 +257,24 @@ def test_two_concurrent_savers_and_a_reader(tmp_path):
     assert {p.name for p in folder.iterdir()} <= ADAPTER_FILES
     assert len([p for p in folder.iterdir() if p.name.startswith("adapter_model")]) == 1
     assert seen <= {"A", "B", "C"}
+
+
+def test_a_kill_during_the_first_save_leaves_nothing_or_the_whole_adapter(tmp_path):
+    seen: list[str] = []
+    transaction.FAULT_HOOK = seen.append
+    try:
+        save("A", tmp_path / "steps")
+    finally:
+        transaction.FAULT_HOOK = None
+    assert "rename:README.md" in seen  # a new folder gets a card, moved in last
+    commit = seen.index("commit")
+    for at in range(len(seen)):
+        folder = tmp_path / f"kill-{at}"
+        _killed_save("A", folder, at)
+        if at <= commit:
+            assert not {p.name for p in folder.iterdir()} & ADAPTER_FILES, seen[at]
+            with pytest.raises(FileNotFoundError, match=r"No adapter_config\.json"):
+                load_version(folder)
+        else:
+            assert load_version(folder) == "A", seen[at]
+            assert {p.name for p in folder.iterdir()} == ADAPTER_FILES - {"adapter_model.bin"}
