@@ -7,9 +7,9 @@ is kept as an offset from the end of the row:
     offset = T - start          (None when the row has no occurrence, or its adapter is "__base__" / another one)
     token t of the row is adapted  <=>  t >= T - offset
 
-``PeftModel.forward`` / ``generate`` compute the offsets from ``input_ids`` once per call (``alora_scope``) and put
-them in a module global, like ``lorakit.routing``: only aLoRA layers read it, so plain adapters keep a graph-break
-free forward under torch.compile. One aLoRA call at a time per process.
+``PeftModel.forward`` / ``generate`` compute the offsets from ``input_ids`` once per call (``alora_scope``) and make
+them visible to that call only, in a ``CallScoped`` slot like ``lorakit.routing`` (per thread / task, removed on
+exit): only aLoRA layers read it, so plain adapters keep a graph-break free forward under torch.compile.
 
 Generation: offsets come from the prompt. With a KV cache each decode step holds only new tokens, all after the
 invocation, hence all adapted (``min(offset, T) = T``). Without a cache every step re-reads the whole sequence of
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from .routing import current_routing
+from .routing import CallScoped, current_routing
 
 if TYPE_CHECKING:
     from .peft_model import PeftModel
@@ -122,25 +122,21 @@ class AloraActivation:
         return offsets
 
 
-_ACTIVE: AloraActivation | None = None
+_ACTIVE: CallScoped[AloraActivation] = CallScoped("lorakit_alora_activation")
 
 
 def current_alora() -> AloraActivation | None:
-    """The aLoRA offsets of the call being computed, or None outside ``PeftModel.forward`` / ``generate`` (aLoRA
-    adapters then adapt no token, with a warning)."""
-    return _ACTIVE
+    """The aLoRA offsets of the call this thread is computing, or None outside ``PeftModel.forward`` / ``generate``
+    (aLoRA adapters then adapt no token, with a warning)."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager
 def activate_alora(activation: AloraActivation | None) -> Iterator[AloraActivation | None]:
-    """Make ``activation`` visible to every aLoRA layer inside the block; the previous one is restored on exit."""
-    global _ACTIVE
-    previous = _ACTIVE
-    _ACTIVE = activation
-    try:
+    """Make ``activation`` visible to every aLoRA layer inside the block, in this thread / task only; removed on exit,
+    also by an exception."""
+    with _ACTIVE.scope(activation):
         yield activation
-    finally:
-        _ACTIVE = previous
 
 
 # ---------------------------------------------------------------------- from a PeftModel call

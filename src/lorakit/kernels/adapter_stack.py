@@ -9,7 +9,7 @@ dtype, device), so loading, deleting, re-initialising, training or rescaling an 
   last slot is all zeros and serves rows that use no adapter on this layer.
 
 ``row_slots`` maps a batch routing to each row's slot, once per routing and layer set (one small host-to-device
-copy per model call, not per layer).
+copy per model call, not per layer), kept in the routing's per-call scratch.
 """
 
 from __future__ import annotations
@@ -166,33 +166,23 @@ def adapter_stack(layer: LoraLayer, dtype: torch.dtype, device: torch.device) ->
     return stack
 
 
-_SLOT_CACHE: dict[int, tuple[BatchRouting, dict]] = {}
-_SLOT_CACHE_SIZE = 8
-
-
 def row_slots(routing: BatchRouting, stack: AdapterStack, device: torch.device) -> torch.Tensor:
     """(rows,) long: each row's slot in ``stack`` (the zero slot for base rows and adapters not on this layer).
 
-    Cached per routing object and stack layout, so a model call copies it to the device once, not once per layer.
+    Cached in ``routing.scratch`` per stack layout, so a model call copies it to the device once, not once per layer,
+    and the cache ends with the call.
     """
-    entry = _SLOT_CACHE.get(id(routing))
-    if entry is None or entry[0] is not routing:
-        if len(_SLOT_CACHE) >= _SLOT_CACHE_SIZE:
-            _SLOT_CACHE.pop(next(iter(_SLOT_CACHE)))
-        entry = (routing, {})
-        _SLOT_CACHE[id(routing)] = entry
-    key = (stack.names, device)
-    slots = entry[1].get(key)
+    key = ("row_slots", stack.names, device)
+    slots = routing.scratch.get(key)
     if slots is None:
         zero = stack.zero_slot
         slots = torch.tensor([stack.slot_of.get(n, zero) for n in routing.adapter_names], device=device)
-        entry[1][key] = slots
+        routing.scratch[key] = slots
     return slots
 
 
 def clear_caches(model: torch.nn.Module) -> None:
     """Drop every cached cast / stack / DoRA ||W||^2 in ``model`` (they rebuild on demand); frees their memory."""
     for module in model.modules():
-        for attr in ("_lorakit_cast_cache", "_lorakit_stack", "_lorakit_mixed", "_lorakit_dora_wsq"):
+        for attr in ("_lorakit_cast_cache", "_lorakit_stack", "_lorakit_dora_wsq"):
             module.__dict__.pop(attr, None)
-    _SLOT_CACHE.clear()

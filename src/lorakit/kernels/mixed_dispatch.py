@@ -2,8 +2,9 @@
 
 Plan, once per (layer, routing): the layer's stacked adapters (``adapter_stack``), each row's slot, and the backend:
 Triton SGMV/BGMV kernels on CUDA for fp16/bf16 when Triton is there, else gather + bmm (``gathered``). The plan is
-cached on the layer for as long as the same routing object is active (one model call, or one ``generate``: decode
-steps then skip all bookkeeping); adapter weights are assumed not to change within one routed call.
+kept in the routing's per-call ``scratch`` (keyed by the layer), so it lives exactly as long as the routed call (one
+model call, or one ``generate``: decode steps then skip all bookkeeping) and concurrent calls never share one;
+adapter weights are assumed not to change within one routed call.
 
 Then per call: z = x A_row^T B_row^T (scaling in the stacked B), and the base GEMM accumulates onto z
 (``z.addmm_(x, W^T)``), so a mixed batch costs one base matmul plus two rank-r passes, whatever the number of
@@ -40,7 +41,8 @@ TRITON_MIN_TOKENS = 16
 
 @dataclass
 class MixedPlan:
-    routing: BatchRouting
+    """One layer's plan for one routing (stored in ``routing.scratch[layer]``)."""
+
     dtype: torch.dtype
     device: torch.device
     stack: AdapterStack
@@ -85,21 +87,20 @@ def _choose_backend(x: torch.Tensor, needs_grad: bool) -> str:
 
 
 def _plan(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) -> MixedPlan | None:
-    cached = layer.__dict__.get("_lorakit_mixed")
-    if cached is not None and cached.routing is routing and cached.dtype == x.dtype and cached.device == x.device:
+    cached = routing.scratch.get(layer)
+    if cached is not None and cached.dtype == x.dtype and cached.device == x.device:
         return cached if not torch.is_grad_enabled() or _routable(layer, routing, cached.stack) else None
     stack = adapter_stack(layer, x.dtype, x.device)
     if not _routable(layer, routing, stack):
         return None
-    plan = MixedPlan(routing, x.dtype, x.device, stack, row_slots(routing, stack, x.device))
-    layer.__dict__["_lorakit_mixed"] = plan
+    plan = MixedPlan(x.dtype, x.device, stack, row_slots(routing, stack, x.device))
+    routing.scratch[layer] = plan
     return plan
 
 
 def planned_for(layer: LoraLayer, routing: BatchRouting) -> bool:
     """Whether this layer already runs ``routing`` on a cached plan (it passed the mixed-batch checks for it)."""
-    plan = layer.__dict__.get("_lorakit_mixed")
-    return plan is not None and plan.routing is routing
+    return layer in routing.scratch
 
 
 def _adapter_part(plan: MixedPlan, x3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -143,8 +144,8 @@ def planned_fast_lane(layer: LoraLayer, x: torch.Tensor, routing: BatchRouting) 
     """The output from the layer's cached plan when this routing already passed every check on it (decode steps
     of one ``generate``, without gradients), else None. Skips the per-call checks: a routing lives for one model
     call or one ``generate``, during which hooks, merges and adapter weights do not change."""
-    plan = layer.__dict__.get("_lorakit_mixed")
-    if plan is None or plan.routing is not routing or not plan.checked or torch.is_grad_enabled():
+    plan = routing.scratch.get(layer)
+    if plan is None or not plan.checked or torch.is_grad_enabled():
         return None
     if x.dtype != plan.dtype or x.device != plan.device:
         return None
