@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .field_checks import check_fields
 from .peft_config import PeftConfigMixin
 from .sub_configs import SUB_CONFIGS, ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraRuntimeConfig
 from .task_type import PeftType, TaskType
@@ -97,6 +98,7 @@ class LoraConfig(PeftConfigMixin):
     ensure_weight_tying: bool = _help("Keep tied embeddings tied for modules_to_save / tokens.", default=False)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and ranges of single fields first (field_checks), so later checks see clean values
         self._normalise()
         for check in (
             self._validate_type_and_task,
