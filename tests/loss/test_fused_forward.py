@@ -187,3 +187,48 @@ def test_no_grad_chunked_loss_matches_cross_entropy():
         got = chunked_linear_cross_entropy(plan, hidden, targets, (targets != -100).sum().float())
         want = torch.nn.functional.cross_entropy(0.7 * torch.tanh(head(hidden) / 0.7), targets)
     torch.testing.assert_close(got, want, rtol=REL, atol=0)
+
+
+def test_forward_replaced_on_the_instance_falls_back():
+    base = tiny_causal_lm("LlamaForCausalLM")
+    original = base.forward
+    calls = []
+    base.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    model = lora(base)
+    model.enable_fused_loss()
+    (out,), caught = _warnings_of(model, 1, **batch(VOCAB))
+    assert calls and out.logits is not None
+    assert len(caught) == 1 and "replaced on the instance" in caught[0]
+
+
+def test_forward_patched_on_the_class_falls_back():
+    from transformers import LlamaForCausalLM
+
+    from lorakit.loss import HEADS, register_head
+
+    def patched(self, *args, **kwargs):
+        return LlamaForCausalLM.forward(self, *args, **kwargs)
+
+    patched.__module__ = "liger_kernel.transformers.model.llama"  # as a library's class patch would leave it
+    patched_class = type("PatchedLlama", (LlamaForCausalLM,), {"forward": patched})
+    base = tiny_causal_lm("LlamaForCausalLM")
+    base.__class__ = patched_class
+    register_head("PatchedLlama", HEADS["LlamaForCausalLM"])
+    try:
+        model = lora(base)
+        model.enable_fused_loss()
+        (out,), caught = _warnings_of(model, 1, **batch(VOCAB))
+    finally:
+        del HEADS["PatchedLlama"]
+    assert out.logits is not None and len(caught) == 1 and "liger_kernel.transformers.model.llama" in caught[0]
+
+
+def test_trl_fused_lm_head_request_runs_the_models_own_forward():
+    """TRL's trainers patch the model and ask for ``fused_lm_head=True`` (per-token log-probs): passed through."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    base = tiny_causal_lm("LlamaForCausalLM")
+    trl_utils.add_fused_lm_head(base)
+    model = lora(base)
+    model.enable_fused_loss()
+    (out,), caught = _warnings_of(model, 1, **batch(VOCAB), fused_lm_head=True)
+    assert not caught and out.log_probs is not None

@@ -9,7 +9,9 @@ non-ignored targets, or the sum / ``num_items_in_batch``). The family's logits m
 from ``heads.py``. The output has ``loss`` and ``logits=None``; everything else is the backbone's.
 
 ``fused_causal_lm_forward`` returns None when the model's own forward must run instead: no labels (nothing to
-fuse), or a reason the result could differ (warned once per reason).
+fuse), ``fused_lm_head=True`` (TRL's trainers ask a forward they patched for per-token log-probabilities), or a
+reason the result could differ (warned once per reason): a class without a head recipe, a forward replaced on the
+instance or patched on the class, a custom loss function, ``return_dict=False``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def fallback_reason(model: nn.Module, call: dict[str, Any]) -> str | None:
             f"{name} has no head recipe (known: {', '.join(sorted(HEADS))}); "
             "lorakit.loss.register_head adds one once its forward is checked"
         )
+    if "forward" in vars(model):
+        return f"{name}.forward was replaced on the instance (TRL's add_fused_lm_head, a monkey patch)"
+    forward_module = getattr(type(model).forward, "__module__", None)
+    if forward_module not in {cls.__module__ for cls in type(model).__mro__}:
+        return f"{name}.forward was patched (it comes from {forward_module}, e.g. Liger's model patches)"
     if not isinstance(getattr(model, getattr(model, "base_model_prefix", ""), None), nn.Module):
         return f"{name} has no backbone at base_model_prefix={getattr(model, 'base_model_prefix', None)!r}"
     if model.get_output_embeddings() is None:
@@ -127,8 +134,8 @@ def fused_causal_lm_forward(
     ``scope`` wraps the backbone call (the LoRA model's per-call scope); the loss is computed after it.
     """
     call = bound_arguments(model, args, kwargs)
-    if call is None or call.get("labels") is None:
-        return None
+    if call is None or call.get("labels") is None or call.get("fused_lm_head"):
+        return None  # nothing to fuse, or the caller asked for the model's own fused head (TRL's)
     reason = fallback_reason(model, call)
     if reason is not None:
         settings.fall_back(reason)
