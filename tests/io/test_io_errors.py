@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from io_cases import strip_config_record
 
 import lorakit
-from io_cases import strip_config_record
 from models import BUILDERS
 
 X = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
