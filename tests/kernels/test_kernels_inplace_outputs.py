@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.kernels import use_reference
+from lorakit.kernels.node_output import as_output
 from training_helpers import autograd_node_names
 
 D = 16
@@ -269,3 +270,15 @@ def test_dora_conv_and_embedding_with_inplace_edits():
     assert sum("magnitude" in n for n in edited) == 2
     for name, grad in edited.items():
         torch.testing.assert_close(grad, plain[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_as_output_reshapes_in_place_without_a_view():
+    out = torch.arange(24.0).reshape(6, 4).clone()  # a fresh tensor, as the nodes make
+    got = as_output(out, torch.Size([2, 3]))
+    assert got is out and got.shape == (2, 3, 4) and not got._is_view()
+    torch.testing.assert_close(got, torch.arange(24.0).reshape(2, 3, 4))
+    transposed = torch.arange(24.0).reshape(4, 6).t()  # (6, 4), not row-major: its values must survive too
+    want = transposed.reshape(3, 2, 4)
+    got = as_output(transposed, torch.Size([3, 2]))
+    assert not got._is_view()
+    torch.testing.assert_close(got, want)

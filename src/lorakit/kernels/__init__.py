@@ -11,6 +11,7 @@ One file per concept, each fast path beside its reference implementation:
 | ``adapter_stack.py`` | stacked / cast adapter caches with invalidation | — |
 | ``linear_dispatch.py``, ``mixed_dispatch.py`` | when a fast path may run (capability checks) | the layers' own paths |
 | ``shared_inputs.py`` | which layers of a model call share an input (learned per call) | — |
+| ``node_output.py`` | outputs the caller may edit in place (no views; DoRA's kept y checked for edits) | — |
 
 ``use_reference()`` / ``set_reference_mode(True)`` force the reference paths (tests, debugging).
 Triton is imported lazily, only on CUDA.

@@ -36,11 +36,12 @@ def as_output(out: torch.Tensor, lead: torch.Size | tuple[int, ...]) -> torch.Te
     """``out`` shaped (*lead, out_features) in place: the same tensor (not a view), or ``out`` when it has that shape.
 
     Args:
-        out: (N, out_features), freshly made by the node (contiguous, owns its storage, does not require grad),
-            N = prod(lead)
+        out: (N, out_features), freshly made by the node (does not require grad), N = prod(lead)
     """
     if len(lead) == out.dim() - 1:  # (N, out) from (N, in): nothing to reshape
         return out
+    if not out.is_contiguous():  # resize_ lays the storage out row-major: only a row-major tensor keeps its values
+        out = out.contiguous()
     return out.resize_((*lead, out.shape[-1]))
 
 
