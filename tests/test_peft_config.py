@@ -25,7 +25,11 @@ def test_peft_config_from_pretrained_returns_lora_config_like_peft(tmp_path):
     ours, theirs = PeftConfig.from_pretrained(tmp_path), peft.PeftConfig.from_pretrained(tmp_path)
     assert type(ours) is LoraConfig and type(theirs) is peft.LoraConfig
     assert isinstance(ours, PeftConfig)
-    assert (ours.r, ours.lora_alpha, ours.target_modules) == (theirs.r, theirs.lora_alpha, sorted(theirs.target_modules))
+    assert (ours.r, ours.lora_alpha, ours.target_modules) == (
+        theirs.r,
+        theirs.lora_alpha,
+        sorted(theirs.target_modules),
+    )
     assert ours.inference_mode is theirs.inference_mode is True
 
 
@@ -43,7 +47,11 @@ def test_get_peft_config_builds_the_named_class():
     data = {"peft_type": "LORA", "r": 5, "target_modules": ["lin0"], "lora_alpha": 10}
     ours, theirs = get_peft_config(dict(data)), peft.get_peft_config(dict(data))
     assert type(ours) is LoraConfig
-    assert (ours.r, ours.lora_alpha, ours.target_modules) == (theirs.r, theirs.lora_alpha, sorted(theirs.target_modules))
+    assert (ours.r, ours.lora_alpha, ours.target_modules) == (
+        theirs.r,
+        theirs.lora_alpha,
+        sorted(theirs.target_modules),
+    )
     with pytest.raises(ValueError, match="'IA3' is not supported by lorakit; supported: LORA"):
         get_peft_config({"peft_type": "IA3"})
     with pytest.raises(ValueError, match="has no 'peft_type'"):
@@ -69,7 +77,7 @@ def test_adapter_config_without_peft_type_is_refused_like_peft(tmp_path):
 
 def test_peft_config_from_pretrained_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="No adapter_config.json in .*empty"):
+    with pytest.raises(FileNotFoundError, match=r"No adapter_config\.json in .*empty"):
         PeftConfig.from_pretrained(tmp_path / "empty")
     _save(tmp_path / "other", {"peft_type": "IA3"})
     with pytest.raises(ValueError, match="'IA3' is not supported"):
