@@ -55,12 +55,17 @@ def lorakit_config(**kw) -> lorakit.LoraConfig:
     return lorakit.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS, **kw)
 
 
+def seeded_model(seed: int = 0) -> lorakit.PeftModel:
+    """A lorakit model with random (non-zero) adapter weights, the same for the same seed."""
+    torch.manual_seed(seed)
+    return lorakit.get_peft_model(base_model(), lorakit_config(init_lora_weights=False))
+
+
 def matched_models(seed: int = 0):
     """A lorakit model with random (non-zero) adapter weights and a peft model holding exactly the same weights."""
     import peft
 
-    torch.manual_seed(seed)
-    ours = lorakit.get_peft_model(base_model(), lorakit_config(init_lora_weights=False))
+    ours = seeded_model(seed)
     theirs = peft.get_peft_model(
         base_model(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,10 +108,11 @@ class LorakitTrainerMixin:
         model = lorakit_model(self.model)
         if model is None:
             return
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise NotImplementedError(
-                "LorakitTrainer does not support DeepSpeed or FSDP yet (they gather a state dict to save); train on "
-                "one device or with DDP."
+        if self.args.fsdp and not getattr(self, "is_fsdp_enabled", False) and self.args.world_size > 1:
+            warnings.warn(
+                "fsdp was requested, but accelerate shards with FSDP only on accelerator devices: this CPU run trains "
+                "with DDP (every rank holds the whole model).",
+                stacklevel=2,
             )
         if self._lorakit_introspect:
             self._inspect_base_model(model.get_base_model())
@@ -144,6 +146,19 @@ class LorakitTrainerMixin:
             columns = list(inspect.signature(model.get_base_model().forward).parameters)
             self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names} - set(columns))
         super()._set_signature_columns_if_needed()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP / DeepSpeed: gather the adapter tensors on every rank (``trainer_save``), save on rank 0."""
+        model = lorakit_model(self.model)
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if model is None or not sharded:
+            return super().save_model(output_dir, _internal_call)
+        from .trainer_save import gather_for_save
+
+        self._save(output_dir, state_dict=gather_for_save(self, model))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        return None
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         model = lorakit_model(self.model)
