@@ -88,26 +88,31 @@ class ModulesToSaveWrapper(nn.Module):
             del self.modules_to_save[adapter_name]
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Called exactly as the wrapped module would be: positional or keyword-only arguments."""
         routing = current_routing()
         if routing is None or self._disable_adapters:
-            return self._current_module()(x, *args, **kwargs)
-        return self._forward_mixed(x, routing, *args, **kwargs)
+            return self._current_module()(*args, **kwargs)
+        return self._forward_mixed(routing, args, kwargs)
 
-    def _forward_mixed(self, x: torch.Tensor, routing: BatchRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _forward_mixed(self, routing: BatchRouting, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         """Each row through its adapter's copy; rows of ``__base__`` or of adapters without a copy here go through
-        the original module.
+        the original module. The rows are split along the first tensor argument (positional, else keyword), which
+        must be the batch input ``x``; the other arguments are passed unchanged.
 
         Args:
             x: (B, ...) input; B == len(routing), or a multiple of it for a generation routing
         Returns:
             (B, ...) the rows' outputs, in row order
         """
+        key = _batch_argument(args, kwargs)
+        x = args[key] if isinstance(key, int) else kwargs[key]
         routing = routing.for_batch(x.shape[0])
         result = None
         for name, rows in routing.groups_on(x.device).items():
             copy_ = self.modules_to_save[name] if name != BASE_ADAPTER and name in self.modules_to_save else None
-            out = (copy_ if copy_ is not None else self.original_module)(x.index_select(0, rows), *args, **kwargs)
+            sub_args, sub_kwargs = _with_rows(args, kwargs, key, rows)
+            out = (copy_ if copy_ is not None else self.original_module)(*sub_args, **sub_kwargs)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
                     f"Mixed-adapter batches need modules_to_save modules that return a tensor; "
@@ -116,10 +121,31 @@ class ModulesToSaveWrapper(nn.Module):
             if result is None:
                 result = out.new_empty((x.shape[0], *out.shape[1:]))
             result = result.index_copy(0, rows, out)  # every row is written exactly once
-        return result if result is not None else self.original_module(x, *args, **kwargs)
+        return result if result is not None else self.original_module(*args, **kwargs)
 
     def unwrapped(self, adapter_name: str | None = None) -> nn.Module:
         """The module to keep on unload: the adapter's copy (merge) or the original."""
         if adapter_name is not None and adapter_name in self.modules_to_save:
             return self.modules_to_save[adapter_name]
         return self.original_module
+
+
+def _batch_argument(args: tuple, kwargs: dict[str, Any]) -> int | str:
+    """Position or name of the first tensor argument: the batch a mixed-adapter call splits by row."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return i
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return name
+    raise TypeError(
+        "A modules_to_save module in a mixed-adapter batch was called with no tensor argument to split by row "
+        f"(positional: {len(args)}, keywords: {sorted(kwargs)})."
+    )
+
+
+def _with_rows(args: tuple, kwargs: dict[str, Any], key: int | str, rows: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the batch argument ``key`` replaced by its ``rows``."""
+    if isinstance(key, int):
+        return (*args[:key], args[key].index_select(0, rows), *args[key + 1 :]), kwargs
+    return args, {**kwargs, key: kwargs[key].index_select(0, rows)}
