@@ -10,7 +10,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+GUIDE = DOCS / "guide.md"
 BLOCK = re.compile(
     r"(?:<!--\s*(?P<kind>skip|needs):(?P<reason>[^>]*?)-->\s*\n)?^```python\n(?P<code>.*?)^```", re.M | re.S
 )
@@ -62,3 +63,24 @@ def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
             warnings.simplefilter("ignore")
             # padded with newlines so that tracebacks give the guide's own line numbers
             exec(compile("\n" * (line - 1) + code, "docs/guide.md", "exec"), namespace)
+
+
+def test_trainer_integration_snippets_run_in_order(tmp_path, monkeypatch):
+    """docs/transformers-integration.md: LorakitTrainer and the TRL section, on the bundled demo model."""
+    import pytest
+
+    pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    blocks = guide_blocks((DOCS / "transformers-integration.md").read_text())
+    assert len(blocks) >= 3
+    namespace: dict = {"__name__": "integration_doc"}
+    for line, code, reason in blocks:
+        if reason:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile("\n" * (line - 1) + code, "docs/transformers-integration.md", "exec"), namespace)
+    assert (tmp_path / "sft-adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "sft-adapter" / "model.safetensors").exists()
