@@ -21,7 +21,9 @@ from ..targeting import (
     unused_exclusions,
     warn_unused_patterns,
 )
+from ..targeting.layer_range import check_layers_in_range
 from ..tokens import TrainableTokensWrapper, wrap_trainable_tokens
+from .adapter_size import check_adapter_fits
 from .inject_parameters import inject_parameters
 from .modules_to_save import ModulesToSaveWrapper
 
@@ -63,6 +65,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.target_parameters and not config.target_modules:
         return []  # parameters only
     modules = candidate_modules(model)
+    check_layers_in_range(config, (n for n, _ in modules))
     names = [name for name, _ in modules if name and is_target(config, name)]
     if not names and config.target_parameters:
         return []  # inject_lora decides, once the parameters are matched too
@@ -108,6 +111,7 @@ def inject_lora(
             f"Target module(s) {tokens} have trainable tokens of adapter(s) {modules[tokens[0]].adapters}; a module "
             "gets either LoRA or trainable tokens, not both. Remove them from target_modules or use exclude_modules."
         )
+    check_adapter_fits(modules, lambda path: rank_and_alpha(config, path)[0], adapter_name)
     layers = {n: m if isinstance(m, LoraLayer) else create_lora_layer(m, config, n) for n, m in modules.items()}
     for name, layer in layers.items():
         module = modules[name]

@@ -18,8 +18,9 @@ from ..config import LoraConfig
 from ..kernels.factor_casts import model_call
 from ..layers import LoraLayer
 from ..layers.base import finite_as_stored
-from ..routing import BASE_ADAPTER
 from ..tokens import TrainableTokensWrapper
+from .adapter_names import check_adapter_name
+from .base_rewrite import check_base_rewrite_allowed
 from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
@@ -151,19 +152,8 @@ class LoraModel(nn.Module):
         auto_modules_to_save: tuple[str, ...] = (),
     ) -> None:
         """Add adapter ``adapter_name`` (not activated unless it is the first one)."""
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter name {adapter_name!r} already exists; existing adapters: {sorted(self.peft_config)}."
-            )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"Adapter names must be non-empty strings without dots, got {adapter_name!r}.")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"Adapter name {BASE_ADAPTER!r} is reserved for base-model rows in mixed batches.")
-        if hasattr(nn.ModuleDict, adapter_name):  # per-adapter ModuleDicts cannot hold a key like "to" or "float"
-            raise ValueError(
-                f"Adapter name {adapter_name!r} is also an attribute of torch.nn.ModuleDict (which holds the adapters' "
-                "weights); choose another name."
-            )
+        check_adapter_name(adapter_name, list(self.peft_config))
+        check_base_rewrite_allowed(config, adapter_name, list(self.peft_config), runs_init=not low_cpu_mem_usage)
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter may set bias != 'none'; an existing adapter already trains biases.")
         with self.adding(adapter_name):
