@@ -22,10 +22,11 @@ if not dist.is_available() or not dist.is_gloo_available():
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("trl_ddp")
     torch.multiprocessing.spawn(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"sft_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, [torch.load(out / f"sft_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def test_sft_under_ddp_equals_one_process_on_the_whole_batch(ranks, tmp_path):
+    _, ranks = ranks
     torch.set_num_threads(1)
     want = run_sft(tmp_path / "one", ROWS_PER_RANK * WORLD)
     assert want["wrapper"] != "DistributedDataParallel"
@@ -38,6 +39,21 @@ def test_sft_under_ddp_equals_one_process_on_the_whole_batch(ranks, tmp_path):
 
 
 def test_ddp_without_unused_parameter_search(ranks):
+    _, ranks = ranks
     for result in ranks:
         assert result["find_unused"] is False
         assert result["unused_warnings"] == []
+
+
+def test_trainer_save_under_fsdp2_writes_the_whole_adapter(ranks):
+    from safetensors.torch import load_file
+    from trl_cases import seeded_model
+
+    import lorakit
+
+    out, _ = ranks
+    want = lorakit.get_peft_model_state_dict(seeded_model())
+    got = load_file(out / "fsdp_adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and len(want) == 24
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)

@@ -40,6 +40,24 @@ def run_sft(out: Path, rows_per_device: int, **extra) -> dict:
     }
 
 
+def fsdp2_trainer_save(out: Path) -> None:
+    """LorakitTrainer.save_model on FSDP2 shards (accelerate shards with FSDP only on GPUs, so the model is sharded
+    here with fully_shard and the trainer is told so): every rank gathers, rank 0 writes a complete adapter."""
+    import transformers
+    from trl_cases import seeded_model
+
+    from lorakit.integrations.distributed import shard_lora_model
+    from lorakit.integrations.transformers import LorakitTrainer
+
+    model = shard_lora_model(seeded_model())
+    args = transformers.TrainingArguments(
+        str(out / "fsdp_trainer"), report_to="none", use_cpu=True, ddp_backend="gloo", save_strategy="no"
+    )
+    trainer = LorakitTrainer(model=model, args=args)
+    trainer.is_fsdp_enabled = True
+    trainer.save_model(str(out / "fsdp_adapter"))
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -50,5 +68,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         result = run_sft(Path(out) / "sft", ROWS_PER_RANK, ddp_backend="gloo")
         torch.save(result, Path(out) / f"sft_rank{rank}.pt")
+        fsdp2_trainer_save(Path(out))
     finally:
         dist.destroy_process_group()
