@@ -41,6 +41,9 @@ class Known:
 
     kind: str
     reason: str
+    relation: str = ""
+    """For a difference: 'dense_mlps' (lorakit wraps peft's modules and also dense gate/up/down_proj MLPs),
+    'lorakit_adapts' (peft raises, lorakit wraps), 'lorakit_refuses' (peft wraps, lorakit raises ValueError)."""
 
 
 _DENSE_MLP = (
@@ -72,6 +75,26 @@ _WHISPER_TASK = (
     "peft defect, stepped around: PeftModelForSeq2SeqLM.forward passes input_ids=None to the model, whisper's "
     "decoder then gets input_ids twice (TypeError); the sweep runs whisper without task_type."
 )
+_DOT_BOUNDED = (
+    "deliberate difference (docs/features.md, modules_to_save row): SEQ_CLS adds 'classifier' to modules_to_save; "
+    "peft matches it with a plain endswith, so distilbert's 'pre_classifier' (already a LoRA layer from "
+    "all-linear) is also taken and peft raises TypeError; lorakit's matching is dot-bounded."
+)
+_MAMBA2_REFUSED = (
+    "deliberate difference (docs/features.md, Mamba-type row; issue 15 item 4): lorakit refuses out_proj/conv1d "
+    "of bamba (the mamba2 kernel path hands out_proj.weight to a fused kernel on CUDA); peft wraps them."
+)
+_PHIMOE_ROUTER = (
+    "lorakit bug (as peft): PhimoeTopKRouter subclasses nn.Linear but returns a tuple, all-linear wraps it and the "
+    "LoRA forward fails (AttributeError: 'tuple' object has no attribute 'dtype'); both libraries crash. Reported "
+    "(layers/linear.py should refuse a base layer whose output is not a tensor, naming it, or all-linear skip it)."
+)
+_WAVLM_MHA = (
+    "lorakit bug (as peft): WavLM's attention hands q_proj/k_proj/v_proj/out_proj weights to "
+    "F.multi_head_attention_forward (modeling_wavlm.py), never calling the modules, so their unmerged LoRA is a "
+    "silent no-op while merging applies it; all-linear wraps them in both libraries. Reported (a "
+    "layers/direct_weight_reads.py entry for wavlm would refuse them)."
+)
 _DT_PROJ = (
     "lorakit bug (as peft): jamba's mamba mixer reads dt_proj.weight directly (modeling_jamba.py: "
     "`self.dt_proj.weight @ time_step`) unless the model is quantised, so an unmerged LoRA on dt_proj is a silent "
@@ -81,17 +104,41 @@ _DT_PROJ = (
 
 KNOWN: dict[tuple[str, str, str], Known] = {
     # (model_type or "<model_type>-<task>", config, check); "*" matches any config or check
-    **{(t, "lora", "wrapped"): Known("difference", _DENSE_MLP) for t in ("deepseek_v3", "glm4_moe")},
-    **{(t, "default", "wrapped"): Known("difference", _MOE_NONE) for t in ("mixtral", "qwen3_moe")},
     **{
-        (t, "default", "wrapped"): Known("difference", _EXTRA_DEFAULTS)
+        (t, "lora", "wrapped"): Known("difference", _DENSE_MLP, "dense_mlps")
+        for t in ("deepseek_v3", "glm4_moe", "ernie4_5_moe", "qwen3_next")
+    },
+    **{(t, "default", "wrapped"): Known("difference", _MOE_NONE, "lorakit_adapts") for t in ("mixtral", "qwen3_moe")},
+    **{
+        (t, "default", "wrapped"): Known("difference", _EXTRA_DEFAULTS, "lorakit_adapts")
         for t in ("cohere", "distilbert", "granite", "mbart", "olmo", "olmo2", "phi3", "qwen2_moe", "starcoder2")
     },
-    **{(a, c, "wrapped"): Known("difference", _TOKEN_CLS) for a in TOKEN_CLS_IDS for c in ("lora", "dora")},
+    **{
+        (a, c, "wrapped"): Known("difference", _TOKEN_CLS, "lorakit_adapts")
+        for a in TOKEN_CLS_IDS
+        for c in ("lora", "dora")
+    },
+    **{
+        ("distilbert-seq_cls", c, "wrapped"): Known("difference", _DOT_BOUNDED, "lorakit_adapts")
+        for c in ("lora", "dora")
+    },
+    **{("bamba", c, "wrapped"): Known("difference", _MAMBA2_REFUSED, "lorakit_refuses") for c in ("lora", "dora")},
+    **{
+        ("phimoe", c, check): Known("lorakit", _PHIMOE_ROUTER)
+        for c in ("lora", "dora")
+        for check in ("forward", "files", "merge")
+    },
+    ("phimoe", "lora", "generate"): Known("lorakit", _PHIMOE_ROUTER),
+    **{("wavlm", c, "merge"): Known("lorakit", _WAVLM_MHA) for c in ("lora", "dora")},
     **{(t, "*", "*"): Known("workaround", _CTC_EMBEDDINGS) for t in ("wav2vec2", "hubert")},
     ("whisper", "*", "*"): Known("workaround", _WHISPER_TASK),
     **{("jamba", c, "merge"): Known("lorakit", _DT_PROJ) for c in ("lora", "dora")},
 }
+
+
+def _relation(arch: Arch, config: str) -> str:
+    entry = known(arch, config, "wrapped")
+    return entry.relation if entry is not None and entry.kind == "difference" else ""
 
 
 def known(arch: Arch, config: str, check: str) -> Known | None:
@@ -148,6 +195,8 @@ def pair(arch: Arch, config: str):
         ref = make(peft, arch, config)
     except (ValueError, TypeError) as error:
         pytest.skip(f"peft refuses this config ({type(error).__name__}); test_wrapped checks lorakit's answer")
+    if _relation(arch, config) == "lorakit_refuses":
+        pytest.skip("lorakit refuses this config by a documented difference (test_wrapped checks it)")
     ours = make(lorakit, arch, config)
     ref_sd = adapter_state(ref, peft)
     lorakit.set_peft_model_state_dict(ours, ref_sd)
@@ -161,6 +210,8 @@ def pair(arch: Arch, config: str):
 
 def lorakit_or_skip(arch: Arch, config: str):
     """lorakit's model; where lorakit refuses the config, peft must refuse it too (then the test skips)."""
+    if _relation(arch, config) == "lorakit_refuses":
+        pytest.skip("lorakit refuses this config by a documented difference (test_wrapped checks it)")
     try:
         return make(lorakit, arch, config)
     except ValueError:
@@ -181,13 +232,18 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------- checks
 @pytest.mark.parametrize(("arch", "config"), _params([("wrapped", c) for c in CONFIGS]))
 def test_wrapped_trainable_and_keys(arch, config):
-    entry = known(arch, config, "wrapped")
+    relation = _relation(arch, config)
+    if relation == "lorakit_refuses":
+        assert _wrapped(make(peft, arch, config), peft.tuners.lora.LoraLayer)
+        with pytest.raises(ValueError, match="LoRA cannot adapt"):
+            make(lorakit, arch, config)
+        return
     try:
         ref = make(peft, arch, config)
     except Exception:  # peft's answer decides what lorakit must do
-        if entry is not None and entry.kind == "difference":
+        if relation == "lorakit_adapts":
             ours = make(lorakit, arch, config)
-            assert _wrapped(ours, lorakit.LoraLayer), f"documented difference, lorakit must adapt: {entry.reason}"
+            assert _wrapped(ours, lorakit.LoraLayer), "a documented difference: lorakit adapts where peft raises"
             return
         with pytest.raises(Exception):  # noqa: B017 - the same refusal, whatever peft's exception class
             make(lorakit, arch, config)
@@ -195,10 +251,10 @@ def test_wrapped_trainable_and_keys(arch, config):
     ours = make(lorakit, arch, config)
     ref_paths, ours_paths = _wrapped(ref, peft.tuners.lora.LoraLayer), _wrapped(ours, lorakit.LoraLayer)
     ref_keys, ours_keys = _saved(ref, peft), _saved(ours, lorakit)
-    if entry is not None and entry.kind == "difference":
-        assert ref_paths < ours_paths, entry.reason
+    if relation == "dense_mlps":
+        assert ref_paths < ours_paths
         extras = {p.rsplit(".", 1)[-1] for p in ours_paths - ref_paths}
-        assert extras <= {"gate_proj", "up_proj", "down_proj"}, entry.reason
+        assert extras <= {"gate_proj", "up_proj", "down_proj"}
         assert all(ours_keys[k] == v for k, v in ref_keys.items())
         return
     assert ours_paths == ref_paths
@@ -275,15 +331,23 @@ def test_mixed_batch_equals_rows(arch, config):
     batch = inputs(arch, ours)
     names = ["default", "other"]
     if any(isinstance(m, ParamWrapper) for m in ours.modules()):  # fused experts: both libraries refuse
-        with pytest.raises(ValueError, match="Mixed-adapter batches"):
+        with pytest.raises(ValueError, match=r"Mixed-adapter batches|adapter_names has 2 entries"):
             ours(**batch, adapter_names=names)
         ref = make(peft, arch, config)
         ref.add_adapter("other", peft.LoraConfig(task_type=TASK_TYPES.get(arch.task), **CONFIGS[config]))
-        with pytest.raises(ValueError, match="mixed adapter batches"):
+        with pytest.raises(ValueError, match=r"mixed adapter batches|Length of `adapter_names`"):
             ref.eval()(**batch, adapter_names=names)
         return
     with torch.no_grad():
-        mixed = run(ours, {**batch, "adapter_names": names})
+        try:
+            mixed = run(ours, {**batch, "adapter_names": names})
+        except ValueError as error:  # a layer sees other rows than the batch's (flattened tokens, expert dispatch)
+            assert "adapter_names has 2 entries" in str(error)
+            ref = make(peft, arch, config)
+            ref.add_adapter("other", peft.LoraConfig(task_type=TASK_TYPES.get(arch.task), **CONFIGS[config]))
+            with pytest.raises(Exception):  # noqa: B017 - peft refuses too (ValueError, or a crash on the rows)
+                run(ref.eval(), {**batch, "adapter_names": names})
+            return
         for row, name in enumerate(names):
             ours.set_adapter(name)
             alone = run(ours, {k: v[row : row + 1] for k, v in batch.items()})
