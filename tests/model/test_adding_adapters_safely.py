@@ -137,9 +137,7 @@ def test_layers_to_transform_out_of_range_names_the_valid_range():
 
 
 def test_layers_to_transform_in_range_adapts_only_those_layers():
-    model = lorakit.get_peft_model(
-        tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1])
-    )
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1]))
     adapted = [n for n, m in model.named_modules() if isinstance(m, lorakit.layers.LoraLayer)]
     assert adapted == ["base_model.model.model.layers.1.self_attn.q_proj"]
 
