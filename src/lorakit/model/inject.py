@@ -21,6 +21,7 @@ from ..targeting import (
     unused_exclusions,
     warn_unused_patterns,
 )
+from ..targeting.condense import condense_target_modules
 from ..targeting.layer_range import check_layers_in_range
 from ..tokens import TrainableTokensWrapper, wrap_trainable_tokens
 from .adapter_size import check_adapter_fits
@@ -61,7 +62,9 @@ def check_settings_implemented(config: LoraConfig) -> None:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths to adapt; resolves None / 'all-linear' into config.target_modules first (as PEFT does)."""
-    config.target_modules = resolve_target_names(model, config)
+    config.target_modules = condense_target_modules(
+        resolve_target_names(model, config), (n for n, _ in model.named_modules())
+    )
     if config.target_parameters and not config.target_modules:
         return []  # parameters only
     modules = candidate_modules(model)
