@@ -213,3 +213,13 @@ def test_trl_own_trainer_with_a_lorakit_model_is_refused_at_construction(tmp_pat
     model = lorakit.get_peft_model(base_model(), lorakit_config())
     with pytest.raises(TypeError, match=r"SFTTrainer was given a lorakit model.*lorakit\.integrations\.trl"):
         _sft(trl.SFTTrainer, model, tmp_path)
+
+
+def test_the_old_recipe_names_the_trl_classes(tmp_path):
+    from lorakit.integrations.transformers import LorakitTrainerMixin
+
+    class MySFT(LorakitTrainerMixin, trl.SFTTrainer):
+        pass
+
+    with pytest.raises(TypeError, match=r"cannot adapt TRL's SFTTrainer: use lorakit\.integrations\.trl"):
+        _sft(MySFT, lorakit.get_peft_model(base_model(), lorakit_config()), tmp_path)

@@ -19,8 +19,9 @@ Usage::
     trainer.train()                                  # checkpoints: adapter files + optimizer/scheduler/state
     trainer.train(resume_from_checkpoint=True)       # continues from the last checkpoint
 
-For another Trainer subclass (e.g. TRL's ``SFTTrainer``): ``class MyTrainer(LorakitTrainerMixin, SFTTrainer): pass``.
-Distributed set-ups that gather a state dict for saving (DeepSpeed, FSDP) are not supported yet and are refused.
+For another Trainer subclass: ``class MyTrainer(LorakitTrainerMixin, MyBaseTrainer): pass``; TRL's trainers come from
+``lorakit.integrations.trl``.
+Under FSDP and DeepSpeed ``save_model`` gathers only the adapter's tensors (``trainer_save``).
 Models that are not lorakit models are passed to the Trainer's own code unchanged.
 
 This module imports transformers at import time; ``import lorakit`` does not import it.
@@ -103,7 +104,15 @@ class LorakitTrainerMixin:
     lorakit_aware = True  # a plain Trainer given a lorakit model is refused (``lorakit.trainer_seam``); this one is not
     _lorakit_introspect = True  # redo the Trainer's model introspection on the base model (TRL classes do their own)
 
+    _lorakit_trl_aware = False  # set by LorakitTRLMixin, which handles what TRL's constructors do with the model
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        trl_bases = [c.__qualname__ for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl"]
+        if trl_bases and not self._lorakit_trl_aware:
+            raise TypeError(
+                f"LorakitTrainerMixin cannot adapt TRL's {trl_bases[0]}: use lorakit.integrations.trl "
+                f"(`from lorakit.integrations.trl import {trl_bases[0]}`, or `LorakitTRLMixin` in front of it)."
+            )
         super().__init__(*args, **kwargs)
         model = lorakit_model(self.model)
         if model is None:

@@ -81,6 +81,7 @@ class LorakitTRLMixin(LorakitTrainerMixin):
     """See the module doc. Goes before the TRL class in the bases."""
 
     _lorakit_introspect = False  # TRL computes its own losses and chooses its own dataset columns
+    _lorakit_trl_aware = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         trl_base = next(c for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl")
