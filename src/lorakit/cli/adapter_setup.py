@@ -71,13 +71,16 @@ def build_peft_model(model: Any, config: Any, calibration: list[dict]) -> Any:
     return peft_model
 
 
-def save_trained_adapter(peft_model: Any, out: Path, initial: Path, model_id: str) -> str | None:
+def save_trained_adapter(
+    peft_model: Any, out: Path, initial: Path, model_id: str, state_dict: dict | None = None
+) -> str | None:
     """Save the adapter in PEFT's format; after a base-changing init convert it (rank 2r) for the original base.
+    ``state_dict``: the adapter's tensors gathered whole from FSDP2 shards (``gather_adapter_state_dict``).
 
     Returns a note for the user when it converted."""
     config = peft_model.peft_config["default"]
     if not changes_base(config):
-        peft_model.save_pretrained(out)
+        peft_model.save_pretrained(out, **({} if state_dict is None else {"state_dict": state_dict}))
         return None
     if not initial.is_dir():
         raise CliError(f"{initial} is missing: the {config.init_lora_weights!r} adapter cannot be converted.")

@@ -256,11 +256,15 @@ def batch_at(
 ) -> dict[str, Any]:
     """The batch of optimiser step ``step`` (0-based); the last partial batch of an epoch is dropped. ``width``:
     pad to that many tokens (see ``collate``)."""
-    per_epoch = max(1, len(rows) // batch_size)
+    return collate([rows[i] for i in batch_indices(len(rows), step, batch_size, seed)], pad_id, width)
+
+
+def batch_indices(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Which rows make the batch of ``step`` (see ``batch_at``): a function of (seed, step) alone."""
+    per_epoch = max(1, n_rows // batch_size)
     epoch, index = divmod(step, per_epoch)
-    order = epoch_order(len(rows), seed, epoch)
-    chosen = order[index * batch_size : (index + 1) * batch_size] or order[:batch_size]
-    return collate([rows[i] for i in chosen], pad_id, width)
+    order = epoch_order(n_rows, seed, epoch)
+    return order[index * batch_size : (index + 1) * batch_size] or order[:batch_size]
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc N` launches itself again
     with _quiet_libraries():
         try:
             return int(args.run(args) or 0)
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 raise
             sys.stderr.write(f"lorakit {args.command}: error: {one_line(err)}\n")
-            return USAGE_ERROR
+            return getattr(err, "exit_code", USAGE_ERROR)
         except KeyboardInterrupt:
             sys.stderr.write(f"lorakit {args.command}: interrupted\n")
             return INTERRUPTED

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -84,6 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay each step's forward + backward as a CUDA graph (no host overhead per layer; CUDA only; "
         "every batch padded to the longest training sequence)",
     )
+    ranks = parser.add_argument_group("several processes (DDP by default; see docs/distributed.md)")
+    ranks.add_argument(
+        "--nproc",
+        type=R.COUNT,
+        default=None,
+        help="train on N processes of this machine (one per GPU, or CPU processes): relaunches this command "
+        "through torch.distributed.run; under torchrun leave it out",
+    )
+    ranks.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the frozen base model over the ranks (FSDP2 fully_shard per decoder layer) instead of a whole "
+        "copy per rank (DDP)",
+    )
     add_lora_arguments(parser)
 
 
@@ -114,6 +129,7 @@ class TrainOutcome:
     seconds: float = 0.0
     stopped_by: str | None = None  # "Ctrl-C" or "SIGTERM" when a signal stopped the run
     exit_code: int = 0
+    is_main: bool = True  # rank 0 (or the only process): the one that prints and writes files
 
 
 # ---------------------------------------------------------------- output folder
@@ -176,6 +192,7 @@ class Run:
     settings: Any
     info: dict[str, Any]
     payload: dict[str, Any] | None
+    world: Any  # ranks.World
 
 
 def _settings(args: argparse.Namespace, n_rows: int) -> Any:
@@ -224,17 +241,21 @@ def _check_resume(args: argparse.Namespace, payload: dict[str, Any], info: dict[
         warnings.warn("--resume: the training data file changed since the checkpoint was written.", stacklevel=2)
 
 
-def prepare(args: argparse.Namespace) -> Run:
-    """Validate the inputs (cheap checks first), load the model and data, build the settings."""
+def prepare(args: argparse.Namespace, world: Any = None) -> Run:
+    """Validate the inputs (cheap checks first), load the model and data, build the settings. Under torchrun rank 0
+    checks --out and reads the checkpoint, and hands both results to every rank (``world.on_main``)."""
     import torch
 
     from .data import encode_all, read_examples, split_examples
     from .loading import load_causal_lm
+    from .ranks import World
+    from .shards import check_split
     from .train_state import file_fingerprint, load_checkpoint
 
+    world = world or World()
     out = Path(args.out).expanduser()
-    check_out_dir(out, args.overwrite, args.resume)
-    payload = load_checkpoint(out) if args.resume else None
+    world.on_main(lambda: check_out_dir(out, args.overwrite, args.resume), "checking --out")
+    payload = world.on_main(lambda: load_checkpoint(out), "reading the checkpoint") if args.resume else None
     examples = read_examples(args.data)
     if args.eval_data:
         train_examples, eval_examples = examples, read_examples(args.eval_data, "--eval-data")
@@ -250,6 +271,9 @@ def prepare(args: argparse.Namespace) -> Run:
     settings = _settings(args, len(train_rows))
     if settings.cuda_graph and model.device.type != "cuda":
         raise CliError(f"--cuda-graph needs a CUDA device; the model is on {model.device} (--device cuda).")
+    if settings.cuda_graph and world.distributed:
+        raise CliError("--cuda-graph runs in one process only; leave it out under torchrun / --nproc.")
+    check_split(settings.batch_size, settings.grad_accum, len(train_rows), world.size)
     info = {
         "model": args.model,
         "lora": lora_kwargs(args) if payload is None else payload["run"]["lora"],
@@ -257,10 +281,11 @@ def prepare(args: argparse.Namespace) -> Run:
         "settings": dataclasses.asdict(settings),
         "max_length": max_length,
     }
+    world.check_same("data or settings", info)
     if payload is not None:
         _check_resume(args, payload, info)
     pairs = _eval_pairs(eval_examples, args.eval_generate)
-    return Run(args, out, model, tokenizer, model.device, train_rows, eval_rows, pairs, settings, info, payload)
+    return Run(args, out, model, tokenizer, model.device, train_rows, eval_rows, pairs, settings, info, payload, world)
 
 
 def _measure(run: Run, peft_model: Any, batches: list) -> Metrics:
@@ -280,38 +305,52 @@ def _print_examples(run: Run, before: Metrics, after: Metrics, stream: Any) -> N
         print(f"  {prompt!r} | {want.strip()!r} | {old.strip()!r} -> {new.strip()!r}", file=stream)
 
 
-def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, list]:
-    """(peft_model, optimizer, state, eval batches); restores everything from the checkpoint on --resume."""
+def _evaluates(run: Run) -> bool:
+    """Whether this rank takes part in evaluation: rank 0 alone, but every rank under FSDP2 (forward passes of a
+    sharded model gather each layer from all ranks)."""
+    return run.world.is_main or bool(getattr(run.args, "fsdp", False))
+
+
+def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, Any, list]:
+    """(peft_model, parallel, optimizer, state, eval batches); restores everything from the checkpoint on --resume.
+    ``parallel`` (``cli.parallel``) is the model wrapped by DDP or sharded by FSDP2 under torchrun."""
     from ..config import LoraConfig
-    from ..io.checkpoint import read_adapter_weights
     from ..io.functional import set_peft_model_state_dict
     from .adapter_setup import build_peft_model, changes_base
     from .data import collate, eval_batches
+    from .parallel import parallelize
     from .train_state import INITIAL_DIR, TrainState, checkpoint_dir
     from .trainer import make_optimizer
 
     pad = run.tokenizer.pad_token_id
     fixed = {"task_type": "CAUSAL_LM", "base_model_name_or_path": run.args.model, "revision": run.args.revision}
     config = LoraConfig(**(run.info["lora"] | fixed)) if run.payload else lora_config_from_args(run.args, **fixed)
+    fsdp = bool(getattr(run.args, "fsdp", False))
+    if fsdp and changes_base(config):
+        raise CliError(f"--fsdp with --init {config.init_lora_weights}: that init rewrites the base weights, which "
+                       "--fsdp shards; train it with DDP (leave --fsdp out).")  # fmt: skip
     calibration = [collate(run.train_rows[i : i + 8], pad) for i in range(0, min(64, len(run.train_rows)), 8)]
     calibration = [{k: v.to(run.device) for k, v in b.items()} for b in calibration]
     peft_model = build_peft_model(run.model, config, calibration)
     if changes_base(config) and run.payload is None:
-        peft_model.save_pretrained(run.out / INITIAL_DIR)
-    optimizer = make_optimizer(peft_model, run.settings)
+        run.world.on_main(lambda: peft_model.save_pretrained(run.out / INITIAL_DIR), "saving the initial adapter")
+    _header(run, peft_model, stream)  # before sharding: FSDP2 leaves each rank a part of every tensor
+    if run.payload is not None:
+        set_peft_model_state_dict(peft_model, run.payload["adapter"])
+    parallel = parallelize(peft_model, run.world, fsdp)
+    optimizer = make_optimizer(peft_model, run.settings)  # after sharding: FSDP2 turns the parameters into DTensors
     batches = eval_batches(run.eval_rows, run.settings.batch_size, pad)
     if run.payload is None:
         state = TrainState()
-        before = _measure(run, peft_model, batches)
+        before = _measure(run, peft_model, batches) if _evaluates(run) else Metrics()
         state.before = {"loss": before.loss, "exact_match": _em_dict(before.exact_match)}
         if before.loss is not None:
             state.evals.append((0, before.loss))
-        return peft_model, optimizer, state, batches
-    set_peft_model_state_dict(peft_model, read_adapter_weights(checkpoint_dir(run.out)))
-    optimizer.load_state_dict(run.payload["optimizer"])
+        return peft_model, parallel, optimizer, state, batches
+    parallel.load_optimizer_state(optimizer, run.payload["optimizer"])
     state = run.payload["state"]
     print(f"resuming from {checkpoint_dir(run.out)} at step {state.step}/{run.settings.max_steps}", file=stream)
-    return peft_model, optimizer, state, batches
+    return peft_model, parallel, optimizer, state, batches
 
 
 def _em_dict(match: Any) -> dict | None:
@@ -326,6 +365,9 @@ def _before_metrics(state: Any) -> Metrics:
 
 
 def _header(run: Run, peft_model: Any, stream: Any) -> None:
+    from .parallel import MODES, mode_of
+    from .shards import describe_split
+
     trainable, total = peft_model.get_nb_trainable_parameters()
     config = peft_model.peft_config["default"]
     n_layers = sum(1 for _ in peft_model.base_model.lora_layers())
@@ -334,32 +376,88 @@ def _header(run: Run, peft_model: Any, stream: Any) -> None:
         f"{n_layers} modules: {trainable:,} trainable ({100 * trainable / total:.2f}%)",
         file=stream,
     )
+    s, world = run.settings, run.world
     print(
-        f"data: {len(run.train_rows)} training / {len(run.eval_rows)} held-out sequences; "
-        f"{run.settings.max_steps} steps of {run.settings.batch_size * run.settings.grad_accum} on {run.device}",
+        f"data: {len(run.train_rows)} training / {len(run.eval_rows)} held-out sequences; {s.max_steps} steps of "
+        f"{s.batch_size * s.grad_accum} sequences (--batch-size {s.batch_size} x --grad-accum {s.grad_accum}) on "
+        f"{run.device}{describe_split(s.batch_size, s.grad_accum, world.size)}",
         file=stream,
     )
+    if world.distributed:
+        mode = MODES[mode_of(world, bool(getattr(run.args, "fsdp", False)))].name
+        print(f"ranks: {world.size} processes, {mode} over {world.backend}; rank 0 prints and writes", file=stream)
 
 
 def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> TrainOutcome:
-    """The whole run; returns what happened (the demo reuses it). ``on_step(step)`` is called after each step."""
-    from .adapter_setup import save_trained_adapter
+    """The whole run; returns what happened (the demo reuses it). ``on_step(step)`` is called after each step.
+    Under torchrun every rank runs it; rank 0 prints and writes (the other ranks' ``stream`` is discarded)."""
+    from .ranks import failures_as_one_line, finish, start
+
+    world = start(args)
+    try:
+        with failures_as_one_line(world):
+            return _train(args, world, stream if world.is_main else io.StringIO(), on_step)
+    finally:
+        finish(world)
+
+
+def _restore_rng(run: Run) -> None:
+    """The checkpoint's RNG states of this rank; a fresh run gives ranks > 0 their own dropout stream."""
+    import torch
+
+    from .train_state import restore_rng, rng_of_rank
+
+    world = run.world
+    if run.payload is None:
+        if world.rank > 0:
+            torch.manual_seed((run.args.seed + world.rank) % 2**63)
+        return
+    own = rng_of_rank(run.payload, world.rank, world.size)
+    if own is None:
+        saved = len(run.payload["rng_ranks"])
+        if world.is_main and (run.info["lora"].get("lora_dropout") or 0) > 0:
+            warnings.warn(
+                f"--resume: the checkpoint was written by {saved} ranks, this run has {world.size}: the batches "
+                "continue exactly, dropout's random masks do not.",
+                stacklevel=2,
+            )
+        torch.manual_seed((run.args.seed + world.rank + 1000 * run.payload["state"].step) % 2**63)
+        return
+    restore_rng(own)
+
+
+def _save_checkpoint(run: Run, parallel: Any, peft_model: Any, optimizer: Any, state: Any) -> None:
+    """Every rank: gather what is sharded (FSDP2) and every rank's RNG states; rank 0 writes the checkpoint."""
+    from .train_state import rng_state, save_checkpoint
+
+    adapter = parallel.adapter_state(peft_model)
+    optimizer_state = parallel.optimizer_state(optimizer)
+    rngs = run.world.gather(rng_state())
+    run.world.on_main(
+        lambda: save_checkpoint(
+            run.out, peft_model, optimizer_state, state, run.info, rng_ranks=rngs, adapter_state=adapter
+        ),
+        "saving the checkpoint",
+    )
+
+
+def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> TrainOutcome:
     from .evaluation import held_out_loss
-    from .progress import make_progress
-    from .train_state import INITIAL_DIR, remove_checkpoint, restore_rng, save_checkpoint
+    from .progress import NoProgress, make_progress
+    from .train_state import remove_checkpoint
     from .trainer import stop_on_signals, train_steps
 
     stream = stream or sys.stdout
-    run = prepare(args)
+    run = prepare(args, world)
     if args.overwrite:
-        remove_checkpoint(run.out)
-    peft_model, optimizer, state, batches = _start(run, stream)
-    _header(run, peft_model, stream)
+        world.on_main(lambda: remove_checkpoint(run.out), "removing the old checkpoint")
+    peft_model, parallel, optimizer, state, batches = _start(run, stream)
     before = _before_metrics(state)
     print(f"before: {before.summary()}", file=stream)
-    if run.payload is not None:
-        restore_rng(run.payload["rng"])
-    with stop_on_signals() as stop:
+    _restore_rng(run)
+    total = run.settings.max_steps
+    progress = make_progress(args.progress, total, state.step) if world.is_main else NoProgress(total, 0, stream)
+    with stop_on_signals(announce=world.is_main) as stop:
         completed = train_steps(
             peft_model,
             optimizer,
@@ -368,30 +466,42 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
             state,
             device=run.device,
             pad_id=run.tokenizer.pad_token_id,
-            progress=make_progress(args.progress, run.settings.max_steps, state.step),
-            save=lambda: save_checkpoint(run.out, peft_model, optimizer, state, run.info),
-            evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches else None,
+            progress=progress,
+            save=lambda: _save_checkpoint(run, parallel, peft_model, optimizer, state),
+            evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches and _evaluates(run) else None,
             on_step=on_step,
             stop=stop,
+            world=world,
+            parallel=parallel,
         )
     outcome = TrainOutcome(run.out, completed, peft_model, run.tokenizer, before, pairs=run.pairs, steps=state.step)
-    outcome.seconds = state.seconds
+    outcome.seconds, outcome.is_main = state.seconds, world.is_main
     if not completed:
         outcome.stopped_by, outcome.exit_code = stop.name, stop.exit_code
         return outcome
     peft_model.eval()
-    outcome.after = _measure(run, peft_model, batches)
+    outcome.after = _measure(run, peft_model, batches) if _evaluates(run) else Metrics()
     if outcome.after.loss is not None:
         state.evals.append((state.step, outcome.after.loss))
-    note = save_trained_adapter(peft_model, run.out, run.out / INITIAL_DIR, run.args.model)
+    adapter = parallel.adapter_state(peft_model)  # FSDP2: a collective, on every rank
+    world.on_main(lambda: _write_files(run, state, outcome, adapter, stream), "writing the adapter")
+    print(f"after:  {outcome.after.summary()}", file=stream)
+    _print_examples(run, before, outcome.after, stream)
+    return outcome
+
+
+def _write_files(run: Run, state: Any, outcome: TrainOutcome, adapter: Any, stream: Any) -> None:
+    """Rank 0: the adapter (one transaction, lorakit.io), then the checkpoint goes, then the plot and metrics."""
+    from .adapter_setup import save_trained_adapter
+    from .train_state import INITIAL_DIR, remove_checkpoint
+
+    note = save_trained_adapter(peft_model=outcome.model, out=run.out, initial=run.out / INITIAL_DIR,
+                                model_id=run.args.model, state_dict=adapter)  # fmt: skip
     if note:
         print(note, file=stream)
     remove_checkpoint(run.out)
     outcome.plot = _write_plot(run, state)
     _write_metrics(run, state, outcome)
-    print(f"after:  {outcome.after.summary()}", file=stream)
-    _print_examples(run, before, outcome.after, stream)
-    return outcome
 
 
 def _write_plot(run: Run, state: Any) -> Path | None:
@@ -426,7 +536,13 @@ def _write_metrics(run: Run, state: Any, outcome: TrainOutcome) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .launch import relaunch, wants_relaunch
+
+    if wants_relaunch(args):
+        return relaunch(args)
     outcome = train(args)
+    if not outcome.is_main:
+        return 0 if outcome.completed else outcome.exit_code or INTERRUPTED
     if not outcome.completed:
         sys.stderr.write(
             f"lorakit train: interrupted at step {outcome.steps} ({outcome.stopped_by}); checkpoint saved to "

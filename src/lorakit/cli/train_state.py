@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import CliError
+from ..io.checkpoint import read_adapter_weights
+from .errors import CliError, one_line
 
 CHECKPOINT_DIR = "checkpoint"
 INITIAL_DIR = "initial_adapter"
@@ -66,19 +67,31 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def save_checkpoint(
-    out: Path, model: Any, optimizer: torch.optim.Optimizer, state: TrainState, run: dict[str, Any]
+    out: Path,
+    model: Any,
+    optimizer_state: dict[str, Any],
+    state: TrainState,
+    run: dict[str, Any],
+    *,
+    rng_ranks: list[dict[str, Any]] | None = None,
+    adapter_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint next to the old one, then swap it in, so a crash mid-write keeps the previous one."""
+    """Write the checkpoint next to the old one, then swap it in, so a crash mid-write keeps the previous one.
+
+    ``rng_ranks``: every rank's RNG states (default: this process's); ``adapter_state``: the adapter's tensors
+    gathered whole (FSDP2), passed to ``save_pretrained(state_dict=...)``."""
     final = checkpoint_dir(out)
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if adapter_state is None else {"state_dict": adapter_state}))
+    rng_ranks = rng_ranks or [rng_state()]
     payload = {
         "format": FORMAT_VERSION,
         "state": dataclasses.asdict(state),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
+        "optimizer": optimizer_state,
+        "rng": rng_ranks[0],
+        "rng_ranks": rng_ranks,  # one per rank, in rank order
         "run": run,
     }
     torch.save(payload, tmp / STATE_FILE)
@@ -104,7 +117,19 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
     payload["state"] = TrainState(**payload["state"])
     payload["state"].losses = [tuple(x) for x in payload["state"].losses]
     payload["state"].evals = [tuple(x) for x in payload["state"].evals]
+    payload.setdefault("rng_ranks", [payload["rng"]])
+    try:  # read here, so rank 0 can hand it to every rank
+        payload["adapter"] = read_adapter_weights(checkpoint_dir(out))
+    except (OSError, ValueError) as err:
+        reason = one_line(err)[:200]
+        raise CliError(f"--resume: the adapter in {checkpoint_dir(out)} is unreadable ({reason}).") from None
     return payload
+
+
+def rng_of_rank(payload: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's saved RNG states, or None when the checkpoint was written by another number of ranks."""
+    states = payload["rng_ranks"]
+    return states[rank] if len(states) == world_size else None
 
 
 def remove_checkpoint(out: Path) -> None:

@@ -12,12 +12,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .data import Encoded, batch_at, to_device
+from .data import Encoded, to_device
 from .progress import Progress
+from .ranks import World
+from .shards import step_shards
 from .train_state import TrainState
 
 
@@ -60,6 +63,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received = 0  # signals this process got (under torchrun another rank's may set signum first)
 
     @property
     def requested(self) -> bool:
@@ -76,18 +80,21 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """Turn SIGINT and SIGTERM into a stop request while training (a second one aborts at once)."""
+def stop_on_signals(announce: bool = True) -> Iterator[StopRequest]:
+    """Turn SIGINT and SIGTERM into a stop request while training (a second one aborts at once); ``announce``: say
+    so on stderr (under torchrun rank 0 only)."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, frame: object) -> None:
-        if stop.requested:
+        if stop.received:
             raise KeyboardInterrupt
-        stop.signum = signum
-        sys.stderr.write(f"\n{stop.name}: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
+        stop.received += 1
+        stop.signum = stop.signum or signum
+        if announce:
+            sys.stderr.write(f"\n{stop.name}: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
@@ -109,13 +116,15 @@ class Throughput:
         return sum(t for _, t in self.samples) / total_s if total_s > 0 else 0.0
 
 
-def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict], torch.Tensor]:
-    """batch -> its loss / grad_accum, after the backward that adds its gradients: eager, or with ``cuda_graph``
-    a ``CudaGraphStep`` captured on the first batch (gradients accumulate over the micro-batches; the optimizer's
-    zero_grad(set_to_none=True) starts each step from zero)."""
+def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict, float], torch.Tensor]:
+    """(batch, weight) -> its loss x weight, after the backward that adds its gradients: eager, or with
+    ``cuda_graph`` a ``CudaGraphStep`` captured on the first batch (one process: weight = 1 / grad_accum always;
+    gradients accumulate over the micro-batches; the optimizer's zero_grad(set_to_none=True) starts each step from
+    zero). ``weight`` comes from ``shards.step_shards``."""
 
-    def eager(batch: dict) -> torch.Tensor:
-        loss = model(**batch).loss / s.grad_accum
+    def eager(batch: dict, weight: float) -> torch.Tensor:
+        loss = model(**batch).loss
+        loss = loss * weight
         loss.backward()
         return loss.detach()
 
@@ -125,7 +134,7 @@ def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict], torch.Te
 
     graph: list[CudaGraphStep] = []
 
-    def replay(batch: dict) -> torch.Tensor:
+    def replay(batch: dict, weight: float) -> torch.Tensor:
         if not graph:
             graph.append(
                 CudaGraphStep(model, batch, loss_fn=lambda out, _: out.loss / s.grad_accum, accumulate_grad=True)
@@ -143,6 +152,33 @@ def _moving_average(losses: list[tuple[int, float]]) -> float | None:
     return average
 
 
+def _agree(world: World, loss: float, tokens: int, stop: StopRequest) -> tuple[float, int]:
+    """The step's loss and tokens over all ranks; a stop signal on any rank stops every rank after this step."""
+    rows = world.totals([loss, float(tokens), float(stop.signum or 0)])
+    signum = int(max(r[2] for r in rows))
+    if signum and not stop.requested:
+        stop.signum = signum  # another rank got it: the same checkpoint, message and exit code everywhere
+    return sum(r[0] for r in rows) / world.size, int(sum(r[1] for r in rows))
+
+
+def _step(
+    rows: list[Encoded], s: TrainSettings, step: int, micro_step: Callable, ctx: dict[str, Any]
+) -> tuple[float, int]:
+    """One optimiser step's forward + backward passes on this rank's shards: (its weighted loss, its tokens)."""
+    world, parallel = ctx["world"], ctx["parallel"]
+    shards = step_shards(
+        rows, step, batch_size=s.batch_size, grad_accum=s.grad_accum, seed=s.seed, pad_id=ctx["pad_id"],
+        rank=world.rank, world_size=world.size, width=ctx["width"],
+    )  # fmt: skip
+    loss_sum, tokens = 0.0, 0
+    for i, shard in enumerate(shards):
+        batch = to_device(shard.batch, ctx["device"])
+        with parallel.accumulating(last=i == len(shards) - 1):
+            loss_sum += micro_step(batch, shard.weight).item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
 def train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -157,29 +193,31 @@ def train_steps(
     evaluate: Callable[[], float] | None = None,
     on_step: Callable[[int], None] | None = None,
     stop: StopRequest | None = None,
+    world: World | None = None,
+    parallel: Any = None,
 ) -> bool:
     """Run optimiser steps from ``state.step`` to ``s.max_steps``; returns False if ``stop`` was requested (by
     ``stop_on_signals``: Ctrl-C, SIGTERM) after saving a checkpoint, True when all steps ran. ``state`` is updated
-    in place."""
+    in place. Under torchrun, ``world`` is this rank and ``parallel`` the DDP/FSDP2 wrapping (``cli.parallel``):
+    every rank calls this with the same arguments and reads its own shard of each step's batch (``cli.shards``)."""
+    from .parallel import OneProcess
+
+    world = world or World()
+    parallel = parallel or OneProcess(model, world)
     params = [p for p in model.parameters() if p.requires_grad]
-    micro_step = _micro_step(model, s)
+    micro_step = _micro_step(parallel.model, s)
     speed = Throughput()
     average: float | None = _moving_average(state.losses)
-    model.train()
+    parallel.model.train()
     width = max(len(r.input_ids) for r in rows) if s.cuda_graph else None  # one shape for every batch
+    ctx = {"world": world, "parallel": parallel, "pad_id": pad_id, "width": width, "device": device}
     stop = stop or StopRequest()
     with progress:
         while state.step < s.max_steps:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state.step, s)
-            loss_sum, tokens = 0.0, 0
-            for micro in range(s.grad_accum):
-                batch = to_device(
-                    batch_at(rows, state.step * s.grad_accum + micro, s.batch_size, s.seed, pad_id, width), device
-                )
-                loss_sum += micro_step(batch).item()
-                tokens += int(batch["attention_mask"].sum())
+            loss_sum, tokens = _agree(world, *_step(rows, s, state.step, micro_step, ctx), stop)
             if s.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
@@ -193,7 +231,7 @@ def train_steps(
             progress.update(state.step, loss_sum, average, speed.add(elapsed, tokens))
             if evaluate is not None and s.eval_every and state.step % s.eval_every == 0 and state.step < s.max_steps:
                 state.evals.append((state.step, evaluate()))
-                model.train()
+                parallel.model.train()
             if on_step is not None:
                 on_step(state.step)
             if stop.requested:
