@@ -22,6 +22,7 @@ from ..config import CONFIG_NAME, LoraConfig
 from ..config.lora_config import PEFT_COMPAT_VERSION
 from .binding import check_belongs, saved_config
 from .hub import resolve_file
+from .model_card import model_card_text
 from .ownership import check_ownership
 from .state_dict import AdapterKeys, adapter_state_dict, to_memory_keys
 from .transaction import reading, write_transaction
@@ -43,16 +44,6 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
         seen.add(ptr)
     return out
-
-
-def _model_card(config: LoraConfig) -> str:
-    base = config.base_model_name_or_path or "unknown"
-    return (
-        f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- lora\n- lorakit\n---\n\n"
-        f"# LoRA adapter\n\nRank {config.r}, alpha {config.lora_alpha}, targets {config.target_modules}.\n"
-        "Saved by lorakit in PEFT's format; loads with `peft.PeftModel.from_pretrained` or "
-        "`lorakit.PeftModel.from_pretrained`.\n"
-    )
 
 
 def save_adapters(
@@ -145,9 +136,13 @@ def _write_adapter(
         CONFIG_NAME: lambda path: path.write_text(config_text, encoding="utf-8"),
         weights_name: lambda path: write_weights(path, tensors, safe_serialization, config_text),
     }
-    if not (folder / "README.md").exists():  # a card already there (the user's own) is kept as it is
-        writers["README.md"] = lambda path: path.write_text(_model_card(config), encoding="utf-8")
+    card = model_card_text(model, _read_card(folder / "README.md"))  # a card already there is updated, as in PEFT
+    writers["README.md"] = lambda path: path.write_text(card, encoding="utf-8")
     write_transaction(folder, writers, WEIGHTS_NAMES)
+
+
+def _read_card(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def local_folder(path_or_id: str | os.PathLike, subfolder: str | None = None) -> Path | None:
