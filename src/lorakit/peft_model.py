@@ -165,7 +165,7 @@ class PeftModel(nn.Module):
 
     def enable_fused_loss(self, chunk_size: int | None = None, use_liger: bool = True) -> None:
         """Training forwards with ``labels`` compute the causal-LM loss in chunks of ``chunk_size`` tokens (None:
-        ~32 MiB of float32 logits per chunk) and return ``logits=None``; loss and gradients equal the ordinary
+        ~64 MiB of float32 logits per chunk) and return ``logits=None``; loss and gradients equal the ordinary
         path's. Eval mode or no labels: the ordinary output. ``use_liger``: Liger Kernel's fused linear
         cross-entropy on CUDA for a plain Linear head, when installed. Models the fused loss cannot match exactly
         run their own forward, with one warning naming the reason (see ``lorakit.loss``)."""

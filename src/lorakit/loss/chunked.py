@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-DEFAULT_LOGITS_BUDGET = 1 << 23  # elements of one chunk's logits (32 MiB in float32): rows = budget // vocabulary
+from .cross_entropy import cross_entropy_sum, cross_entropy_sum_and_grad
+
+DEFAULT_LOGITS_BUDGET = 1 << 24  # elements of one chunk's logits (64 MiB in float32): rows = budget // vocabulary
 
 
 @dataclass
@@ -40,10 +41,9 @@ class ChunkedHead:
     rows: int
     ignore_index: int = -100
 
-    def chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(C, H), (C,) -> summed float32 cross-entropy of the chunk, under the caller's grad mode."""
-        logits = self.logits_map(self.head(hidden)).float()  # (C, V)
-        return F.cross_entropy(logits, targets, reduction="sum")
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(C, H) -> (C, V) float32 logits, under the caller's grad mode (as the model upcasts them for its loss)."""
+        return self.logits_map(self.head(hidden)).float()
 
 
 def chunk_rows(vocab_size: int, chunk_size: int | None, budget: int = DEFAULT_LOGITS_BUDGET) -> int:
@@ -69,13 +69,15 @@ def _summed_loss_and_grads(
     for rows in _valid_rows(targets, plan.ignore_index).split(plan.rows):
         h = hidden.index_select(0, rows).detach().requires_grad_(True)  # (C, H)
         with torch.enable_grad():
-            loss = plan.chunk_loss(h, targets.index_select(0, rows))
-        grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+            logits = plan.logits(h)  # (C, V), a graph back to h and the head's parameters
+        loss, grad_logits = cross_entropy_sum_and_grad(logits.detach(), targets.index_select(0, rows))
+        grads = torch.autograd.grad(logits, [h, *params], grad_outputs=grad_logits, allow_unused=True)
+        del logits, grad_logits
         grad_h.index_copy_(0, rows, grads[0])
         for i, g in enumerate(grads[1:]):
             if g is not None:
                 grad_p[i] = g if grad_p[i] is None else grad_p[i].add_(g)
-        total += loss.detach()
+        total += loss
     return total, grad_h, grad_p
 
 
@@ -111,5 +113,5 @@ def chunked_linear_cross_entropy(
         return _ChunkedLinearCrossEntropy.apply(hidden, targets, denominator, plan, *params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for rows in _valid_rows(targets, plan.ignore_index).split(plan.rows):
-        total += plan.chunk_loss(hidden.index_select(0, rows), targets.index_select(0, rows))
+        total += cross_entropy_sum(plan.logits(hidden.index_select(0, rows)), targets.index_select(0, rows))
     return total / denominator

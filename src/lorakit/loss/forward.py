@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .chunked import ChunkedHead, chunk_rows, chunked_linear_cross_entropy
+from .cross_entropy import check_targets
 from .heads import HEADS, HeadRecipe, LogitsMap, head_recipe, moe_aux_loss
 from .labels import causal_targets, loss_denominator
 from .liger import liger_applies, liger_linear_cross_entropy
@@ -105,10 +106,11 @@ def _loss(
             f"(logits_to_keep={call.get('logits_to_keep', 0)!r}); they must match, as for the model's own loss."
         )
     denominator = loss_denominator(targets, ignore_index, call.get("num_items_in_batch"))
+    vocab = getattr(head, "out_features", None) or model.config.get_text_config().vocab_size
+    check_targets(targets[targets != ignore_index], vocab)
     logits_map: LogitsMap = recipe.logits(model)
     if settings.use_liger and liger_applies(head, hidden):
         return liger_linear_cross_entropy(head, logits_map, hidden, targets, ignore_index, denominator)
-    vocab = getattr(head, "out_features", None) or model.config.get_text_config().vocab_size
     plan = ChunkedHead(head, logits_map, chunk_rows(vocab, settings.chunk_size), ignore_index)
     return chunked_linear_cross_entropy(plan, hidden, targets, denominator)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class FusedLossSettings:
-    """``chunk_size``: tokens per chunk (None: as many as keep one chunk's logits near 32 MiB of float32);
+    """``chunk_size``: tokens per chunk (None: as many as keep one chunk's logits near 64 MiB of float32);
     ``use_liger``: on CUDA, Liger Kernel's fused linear cross-entropy for a plain Linear head when installed."""
 
     chunk_size: int | None = None
