@@ -175,9 +175,13 @@ def _input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ids
 
 
-def _uses_beam_search(model: PeftModel, kwargs: dict[str, Any]) -> bool:
-    config = kwargs.get("generation_config") or getattr(model.get_base_model(), "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+def _uses_beam_search(model: PeftModel, kwargs: dict[str, Any], generation: bool) -> bool:
+    """generate(): ``num_beams`` of the call or of the generation config; forward(): a ``num_beams`` keyword (as PEFT
+    checks both)."""
+    beams = kwargs.get("num_beams")
+    if generation:
+        config = kwargs.get("generation_config") or getattr(model.get_base_model(), "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
     return isinstance(beams, int) and beams > 1
 
 
@@ -191,14 +195,14 @@ def alora_scope(
 ) -> Iterator[AloraActivation | None]:
     """The aLoRA offsets of one ``forward`` / ``generate`` call of ``model``, active inside the block.
 
-    A no-op when the call uses no aLoRA adapter. Raises ValueError for beam search (generation); warns and adapts no
-    token when there are no ``input_ids`` to search (``inputs_embeds`` only).
+    A no-op when the call uses no aLoRA adapter. Raises ValueError for beam search (``num_beams`` > 1); warns and
+    adapts no token when there are no ``input_ids`` to search (``inputs_embeds`` only).
     """
     names = alora_adapters(model, adapter_names)
     if not names:
         yield None
         return
-    if generation and _uses_beam_search(model, kwargs):
+    if _uses_beam_search(model, kwargs, generation):
         raise ValueError(f"Beam search is not supported with aLoRA adapters ({names}); use greedy or sampling.")
     input_ids = _input_ids(args, kwargs)
     activation = AloraActivation({}, prompt_len=0, generation=generation)  # no offsets: no token adapted

@@ -162,6 +162,13 @@ class LoraConfig(PeftConfigMixin):
                     raise ValueError(f"`{name}` {value!r} is not a valid regular expression: {err}.") from None
             elif value is not None and not all(isinstance(v, str) for v in value):
                 raise ValueError(f"`{name}` must be a list of strings or a regex string, got {value!r}.")
+        if self.target_parameters is not None and (
+            isinstance(self.target_parameters, str) or not all(isinstance(p, str) for p in self.target_parameters)
+        ):  # PEFT raises the same TypeError for a string (a list of characters otherwise)
+            raise TypeError(
+                f"`target_parameters` must be a list of strings or None, got {self.target_parameters!r} (e.g. "
+                "['experts.gate_up_proj'])."
+            )
         if self.target_modules is not None and not self.target_modules and not self.target_parameters:
             raise ValueError("`target_modules` is an empty list: name at least one module, or use None for defaults.")
 

@@ -197,7 +197,10 @@ def wrap_modules_to_save(
         if hit is None or not name or any(name.startswith(w + ".") for w in wrapped):
             continue
         if isinstance(module, LoraLayer):
-            raise ValueError(f"Module {name!r} is both a LoRA target and in modules_to_save; pick one.")
+            raise TypeError(  # PEFT: TypeError too
+                f"modules_to_save cannot be applied to module {name!r}: it is a LoRA layer of adapter(s) "
+                f"{sorted(module.adapters)}; a module is either adapted with LoRA or saved in full, pick one."
+            )
         if isinstance(module, TrainableTokensWrapper):
             raise ValueError(f"Module {name!r} has trainable tokens and is in modules_to_save; pick one.")
         found.add(hit)

@@ -15,12 +15,19 @@ import torch.nn as nn
 
 from ..routing import BASE_ADAPTER, BatchRouting, current_routing
 
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Routes calls to the active adapter's copy of a module, or to the frozen original."""
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
+        if isinstance(module_to_save, _CONTAINERS):  # their forward cannot be called (PEFT raises the same TypeError)
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(module_to_save)}: a container has no "
+                "forward; name the modules inside it (e.g. 'blocks.0') instead."
+            )
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict()
         self._active_adapters: list[str] = []
