@@ -75,17 +75,29 @@ def test_forward_and_gradients_match_peft(llama64_dir, bits):
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
 
 
-def test_adapter_term_runs_in_the_adapter_dtype(llama64_dir):
-    """bf16 activations, float32 adapter: the term is computed in float32 and cast back, as PEFT."""
+def test_adapter_term_dtype_reference_and_fast_path(llama64_dir):
+    """bf16 activations, float32 adapter. The reference path computes the term in float32 and casts it back, as
+    PEFT; the fast path computes it in bf16 (factors cast, never x), within bf16 rounding of the float32 result."""
     model = load_quantised(llama64_dir, "4bit", bnb_4bit_compute_dtype=torch.bfloat16)
     ours = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     x = torch.randn(3, 64).to(DEVICE, torch.bfloat16)
     with torch.no_grad():
-        expected = layer.base_layer(x) + layer._reference_term("default", x).to(torch.bfloat16)
-        assert layer(x).dtype == torch.bfloat16
-        torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+        base = layer.base_layer(x)
+        term = layer._reference_term("default", x)
+        with lorakit.kernels.use_reference():
+            reference = layer(x)
+        fast = layer(x)
+    assert reference.dtype == fast.dtype == torch.bfloat16
+    torch.testing.assert_close(reference, base + term.to(torch.bfloat16), atol=0, rtol=0)
+    exact = base.float() + term
+    assert not torch.equal(fast, reference)  # the fast path really ran, in bf16
+    # bf16 rounding (2**-8 relative) of A, B, h = x A^T, the product and the sum: at most 4 roundings of the term's
+    # absolute magnitudes, one of the result
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    magnitude = (x.float().abs() @ a.abs().t() @ b.abs().t()) * layer.scaling["default"]
+    assert ((fast.float() - exact).abs() <= 4 * 2**-8 * magnitude + 2**-8 * exact.abs()).all()
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

@@ -82,8 +82,17 @@ class SharedInputs:
         self._record(layer, x)
         return kept[2]
 
-    def forward(self, layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable[[Linear, torch.Tensor], Any]):
-        """``layer``'s output computed now with its whole group (the others' outputs kept for them), else None."""
+    def forward(
+        self,
+        layer: Linear,
+        x: torch.Tensor,
+        plan: FusedPlan,
+        plan_of: Callable[[Linear, torch.Tensor], Any],
+        run: Callable[[torch.Tensor, list, list], tuple[torch.Tensor, ...]] | None = None,
+    ):
+        """``layer``'s output computed now with its whole group (the others' outputs kept for them), else None.
+        ``run(x, plans, layers)`` computes the group's outputs for plans of another kind (``quantised_dispatch``);
+        None: the plain Linears' nodes."""
         if x.is_inference():  # no version counter: an in-place edit between two members could not be seen
             return None
         self._record(layer, x)
@@ -98,7 +107,9 @@ class SharedInputs:
                 return None  # all plain LoRA without dropout, all through the node or all plain inference ops
             plans.append(other)
             layers.append(member)
-        if plan.graph:
+        if run is not None:
+            outs = run(x, plans, layers)
+        elif plan.graph:
             outs = shared_input_lora(x, [(q.weight, q.bias, q.lora_a, q.lora_b, q.record.scaling) for q in plans])
         else:
             casts = [cast_factors(m, q.name, x.dtype) for m, q in zip(layers, plans)]  # cached per layer
@@ -136,7 +147,10 @@ def kept_output(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
     return None if shared is None or not shared.kept else shared.take(layer, x)
 
 
-def shared_forward(layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable) -> torch.Tensor | None:
-    """``layer``'s output computed with its shared-input group in this model call, or None (compute it alone)."""
+def shared_forward(
+    layer: Linear, x: torch.Tensor, plan: FusedPlan, plan_of: Callable, run: Callable | None = None
+) -> torch.Tensor | None:
+    """``layer``'s output computed with its shared-input group in this model call, or None (compute it alone);
+    ``run`` as in ``SharedInputs.forward``."""
     shared = _shared(create=True)
-    return None if shared is None else shared.forward(layer, x, plan, plan_of)
+    return None if shared is None else shared.forward(layer, x, plan, plan_of, run)

@@ -1,8 +1,11 @@
 """LoRA on bitsandbytes' quantised linears: ``Linear8bitLt`` (LLM.int8(), arXiv:2208.07339) and ``Linear4bit``
 (NF4/FP4 as in QLoRA, arXiv:2305.14314).
 
-The quantised base computes its own output; the adapter term is PEFT's: x cast to the adapter's dtype (float32 by
-default), s * B A dropout(x), cast back to the output dtype. Everything that needs the base weight as a matrix (merge
+The quantised base computes its own output. With one plain adapter (the common QLoRA case) the layer takes the
+quantised fused node (``kernels/quantised_linear``): bitsandbytes' product, the low-rank part in x's dtype (no float32
+copy of x) added in the GEMM epilogue, q/k/v sharing one x A^T; ``bnb_products`` says when. Otherwise (the reference
+path) the adapter term is PEFT's: x cast to the adapter's dtype (float32 by default), s * B A dropout(x), cast back
+to the output dtype. Everything that needs the base weight as a matrix (merge
 and unmerge, OLoRA, DoRA's norm, LoftQ) goes through ``base_weight_2d`` (dequantise to float32) and
 ``write_base_weight_2d`` (re-quantise with the layer's own settings).
 
@@ -19,6 +22,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..kernels.quantised_dispatch import quantised_forward
+from .base import LoraLayer
+from .bnb_products import Bnb4bitBase, Bnb8bitBase, base_4bit, base_8bit
 from .linear import Linear
 
 INSTALL_HINT = "pip install bitsandbytes"
@@ -86,6 +92,12 @@ class _QuantisedLinear(Linear):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out=False)  # bitsandbytes stores (out, in)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The quantised fused node (``kernels/quantised_dispatch``: bitsandbytes' product, the low-rank part in x's
+        dtype, shared with the layers reading the same x) when it applies, else the reference path."""
+        fused = quantised_forward(self, x, args, kwargs)
+        return fused if fused is not None else LoraLayer.forward(self, x, *args, **kwargs)
+
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self._reference_term(name, x)
 
@@ -102,6 +114,10 @@ class Linear4bit(_QuantisedLinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit``: y = base_4bit(x) + s * B A dropout(x), A: (r, in), B: (out, r)."""
 
     quantisation = "4-bit"
+
+    def quantised_base(self, x: torch.Tensor) -> Bnb4bitBase | None:
+        """The base for the quantised node on ``x``, or None (``bnb_products.base_4bit``)."""
+        return base_4bit(self.__dict__["_modules"]["base_layer"], bnb_class("Linear4bit"), x)
 
     def base_weight_2d(self) -> torch.Tensor:
         """(out, in) float32, dequantised (NF4/FP4 codes times their block's absmax)."""
@@ -131,6 +147,10 @@ class Linear8bitLt(_QuantisedLinear):
     """LoRA on ``bitsandbytes.nn.Linear8bitLt``: y = base_int8(x) + s * B A dropout(x), A: (r, in), B: (out, r)."""
 
     quantisation = "8-bit"
+
+    def quantised_base(self, x: torch.Tensor) -> Bnb8bitBase | None:
+        """The base for the quantised node on ``x``, or None (``bnb_products.base_8bit``)."""
+        return base_8bit(self.__dict__["_modules"]["base_layer"], bnb_class("Linear8bitLt"), x)
 
     def base_weight_2d(self) -> torch.Tensor:
         return dequantise_8bit(self.get_base_layer())
