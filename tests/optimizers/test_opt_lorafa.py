@@ -50,8 +50,8 @@ def test_param_groups_and_frozen_factors_match_peft(kind):
     (group,), (ref_group,) = opt.param_groups, ref_opt.param_groups
     for key in ("lr", "betas", "eps", "weight_decay", "correct_bias"):
         assert group[key] == ref_group[key], key
-    ref_trainable = [n for n, p in zip(ref_group["names"], ref_group["params"]) if p.requires_grad]
-    assert group["names"] == ref_trainable
+    assert group["names"] == ref_group["names"]  # every parameter, frozen ones too: checkpoints line up by index
+    assert group["scaling_factors"] == pytest.approx(ref_group["scaling_factors"])
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n, p in ref.named_parameters() if p.requires_grad
     }
@@ -156,3 +156,22 @@ def test_every_trainable_adapter_is_projected_with_its_own_factors():
     model(torch.randn(4, 10)).sum().backward()
     opt.step()  # shapes (r = 3 and r = 2) would not fit if the pairs were mixed up
     assert all(layer.lora_B["other"].bias.requires_grad for layer in layers)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_optimizer_checkpoints_interchange_with_peft(kind, peft_in_float32):
+    """State and group keys are PEFT's (``<module>.lora`` -> step, exp_avg_B, exp_avg_sq_B): a peft optimizer
+    checkpoint resumes in lorakit and the other way round, with the same next step."""
+    ours, ref, opt, ref_opt = _both(kind)
+    train(ours, opt, kind, steps=2)
+    train(ref, ref_opt, kind, steps=2)
+    ours_sd, ref_sd = opt.state_dict(), ref_opt.state_dict()
+    assert {k: sorted(v) for k, v in ours_sd["state"].items()} == {k: sorted(v) for k, v in ref_sd["state"].items()}
+    assert "base_model.model.lin0.lora" in ours_sd["state"] or kind != "mlp"
+    assert set(ours_sd["param_groups"][0]) | {"scaling_factor"} == set(ref_sd["param_groups"][0])
+    # swap the optimizer states: each library continues from the other's checkpoint
+    opt.load_state_dict(copy.deepcopy(ref_sd))
+    ref_opt.load_state_dict(copy.deepcopy(ours_sd))
+    train(ours, opt, kind, steps=1)
+    train(ref, ref_opt, kind, steps=1)
+    assert_same_parameters(ours, ref, atol=1e-6)

@@ -62,6 +62,11 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         params: parameters or param groups, as for any torch optimizer
         lr, betas, eps, weight_decay, correct_bias: AdamW's hyper-parameters (adamw_hf defaults)
         frozen_a: B factor -> its frozen A (``FrozenAFactor``); B factors not listed are plain AdamW parameters
+        state_keys: parameter -> the key of its entry in ``state`` (PEFT's: ``<module>.lora`` for a B factor, the
+            parameter's name otherwise), so optimizer checkpoints interchange with PEFT's; missing: the parameter
+
+    State per entry: ``step``, ``exp_avg``, ``exp_avg_sq``; ``exp_avg_B``, ``exp_avg_sq_B`` for a B factor (PEFT's
+    names).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         correct_bias: bool = True,
         frozen_a: dict[torch.Tensor, FrozenAFactor] | None = None,
+        state_keys: dict[torch.Tensor, str] | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0).")
@@ -85,6 +91,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         super().__init__(params, defaults)
         self.frozen_a: dict[torch.Tensor, FrozenAFactor] = dict(frozen_a or {})
+        self.state_keys: dict[torch.Tensor, str] = dict(state_keys or {})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -100,19 +107,20 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 factor = self.frozen_a.get(param)
                 if factor is not None:
                     grad = factor.project(grad)
-                self._adamw_update(param, grad, group)
+                self._adamw_update(param, grad, group, "_B" if factor is not None else "")
         return loss
 
-    def _adamw_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        """One adamw_hf step of ``param`` with gradient ``grad`` (same shape)."""
-        state = self.state[param]
+    def _adamw_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], suffix: str) -> None:
+        """One adamw_hf step of ``param`` with gradient ``grad`` (same shape); ``suffix`` "_B" for a B factor."""
+        state = self.state[self.state_keys.get(param, param)]
+        avg, avg_sq = f"exp_avg{suffix}", f"exp_avg_sq{suffix}"
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
+            state[avg] = torch.zeros_like(param)
+            state[avg_sq] = torch.zeros_like(param)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = state[avg], state[avg_sq]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
@@ -218,12 +226,42 @@ def create_lorafa_optimizer(
     _warn_if_rank_alpha_differ(model, r, lora_alpha)
     for factor in _lora_pairs(model).values():
         factor.layer._factors(factor.adapter)[0].requires_grad_(False)  # A is frozen: LoRA-FA trains B only
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = list(model.named_parameters())  # all of them, frozen ones too, as PEFT: checkpoints line up by index
     group = {
         "params": [p for _, p in named],
         "names": [n for n, _ in named],
+        "scaling_factors": _scaling_factors(model, named),
         "lr": lr,
         "betas": (0.9, 0.999),
         "weight_decay": weight_decay,
     }
-    return LoraFAOptimizer([group], frozen_a=pairs)
+    return LoraFAOptimizer([group], frozen_a=pairs, state_keys=_state_keys(named, pairs))
+
+
+def _scaling_factors(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> list[float | None]:
+    """Per parameter, the scaling of the LoRA adapter it belongs to (None otherwise): PEFT's ``scaling_factors``
+    group entry. Recorded for PEFT's optimizer; this one reads each layer's scaling live at every step."""
+    owners = {
+        id(p): layer.adapters[name].scaling
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer)
+        for name in layer.adapters
+        for p in layer.adapter_parameters(name)
+    }
+    return [float(owners[id(p)]) if id(p) in owners else None for _, p in named]
+
+
+def _state_keys(named: list[tuple[str, torch.Tensor]], pairs: dict[torch.Tensor, FrozenAFactor]) -> dict:
+    """PEFT's state keys: ``<module path>.lora`` for a B factor (``.<adapter>`` appended when several adapters of
+    one layer train together, where PEFT's keys collide), the parameter's name for anything else."""
+    keys: dict[torch.Tensor, str] = {}
+    used: set[str] = set()
+    for name, param in named:
+        key = name
+        if param in pairs:
+            key = name[: name.find(".lora_") + 1] + "lora"
+            if key in used:
+                key = f"{key}.{pairs[param].adapter}"
+        used.add(key)
+        keys[param] = key
+    return keys
