@@ -36,6 +36,7 @@ from .mapping import get_peft_model, inject_adapter_in_model
 from .model.lora_model import LoraModel
 from .model.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
+from .patch_peft import patch_peft, unpatch_peft  # the functions (peft imported on call); shadows the subpackage name
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -88,9 +89,11 @@ __all__ = [
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "patch_peft",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "register_layer_type",
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
+    "unpatch_peft",
 ]
