@@ -107,7 +107,7 @@ class World:
             return
         other = gathered[odd[0]][1]
         keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
-        shown = ", ".join(f"{k}: {first.get(k)!r} vs {other.get(k)!r}" for k in keys[:6])
+        shown = ", ".join(f"{k} {first.get(k)} vs {other.get(k)}" for k in keys[:6])
         raise CliError(
             f"the ranks were started with different {what}: rank {odd[0]} differs from rank 0 in {shown}"
             f"{' and more' if len(keys) > 6 else ''} (ranks {odd} differ); launch every rank with the same command."
@@ -120,7 +120,8 @@ def launched() -> bool:
 
 
 def compared_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: repr(v) for k, v in sorted(vars(args).items()) if k not in NOT_COMPARED}
+    """The parsed options by flag (``--lr``), as text, without those in ``NOT_COMPARED``."""
+    return {"--" + k.replace("_", "-"): repr(v) for k, v in sorted(vars(args).items()) if k not in NOT_COMPARED}
 
 
 def _rank_device(args: argparse.Namespace, local_rank: int) -> str:
@@ -206,7 +207,9 @@ def failures_as_one_line(world: World) -> Iterator[None]:
         return
 
     def terminated(signum: int, frame: object) -> None:
-        raise RankFailure(f"{world.name()}: stopped by SIGTERM (the launcher stops every rank when one fails).")
+        raise RankFailure(
+            f"{world.name()}: stopped by SIGTERM outside training (the run was stopped, or another rank failed)."
+        )
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
