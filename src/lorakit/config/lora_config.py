@@ -17,7 +17,8 @@ from .task_type import PeftType, TaskType
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_COMPAT_VERSION = "0.21.2"
-"""Written as ``peft_version`` so that peft reads our configs without a version warning."""
+"""Written as ``peft_version``: the PEFT release whose format and LoRA behaviour lorakit's files follow (not lorakit's
+own version). Neither PEFT nor lorakit acts on it for LoRA adapters; it tells a reader which PEFT the file matches."""
 
 BIAS_MODES = ("none", "all", "lora_only")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -48,7 +49,12 @@ class LoraConfig(PeftConfigMixin):
     task_type: TaskType | str | None = _help("Task of the model: CAUSAL_LM, SEQ_CLS, ...", default=None)
     peft_type: PeftType | str | None = _help("Always LORA.", default=PeftType.LORA)
     auto_mapping: dict | None = _help("Base model class, written when task_type is None.", default=None)
-    peft_version: str | None = _help("Version of the library that wrote the config.", default=None)
+    peft_version: str | None = _help(
+        "The PEFT release whose file format and LoRA behaviour the adapter follows: lorakit writes "
+        "PEFT_COMPAT_VERSION (0.21.2), not its own version; PEFT writes its own. Informational for LoRA (neither "
+        "library changes behaviour on it); read back as written.",
+        default=None,
+    )
     base_model_name_or_path: str | None = _help("Name or path of the base model.", default=None)
     revision: str | None = _help("Revision of the base model.", default=None)
     inference_mode: bool = _help("Adapter is frozen when True.", default=False)
