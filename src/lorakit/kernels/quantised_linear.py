@@ -96,6 +96,7 @@ class QuantisedLora(torch.autograd.Function):
         h, outs = _outputs(x2, xd, bases, a_cat, bs, scalings, ranks)
         needs = ctx.needs_input_grad
         need_dx, need_da, need_db = needs[0], any(needs[4::2]), any(needs[5::2])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no GEMMs for it
         ctx.bases, ctx.scalings, ctx.ranks, ctx.p, ctx.shape = bases, scalings, ranks, p, shape
         ctx.dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_as, lora_bs)]
         ctx.save_for_backward(
@@ -136,7 +137,7 @@ class QuantisedLora(torch.autograd.Function):
         hs = h.split(ctx.ranks, dim=1) if h is not None else [None] * len(dys)  # (N, r_i) views
         grads: list[torch.Tensor | None] = []
         for i, (dy, (a_dtype, b_dtype)) in enumerate(zip(dys, ctx.dtypes)):
-            da = das[i] if needs[4 + 2 * i] else None
+            da = das[i] if needs[4 + 2 * i] and dy is not None else None  # an unused output: no gradient
             db = None
             if needs[5 + 2 * i] and dy is not None:
                 db = weight_grad(dy, hs[i], b_dtype, ctx.scalings[i], strided=True)  # (out_i, N) @ (N, r_i)
