@@ -53,13 +53,16 @@ def inject_adapter_in_model(
     ``lorakit.model.state_dict_targets``)."""
     from .model.inject import inject_lora, wrap_modules_to_save
     from .model.trainable import mark_trainable
+    from .model.weight_tying import plan_weight_tying, tie_saved_copies
 
     targeting = peft_config
     if state_dict is not None:
         from .model.state_dict_targets import config_for_state_dict
 
         targeting = config_for_state_dict(peft_config, model, state_dict)
+    tying = plan_weight_tying(model, targeting)
     inject_lora(model, targeting, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-    wrap_modules_to_save(model, list(peft_config.modules_to_save or []), adapter_name)
+    wrap_modules_to_save(model, list(targeting.modules_to_save or []), adapter_name)
+    tie_saved_copies(model, tying, adapter_name)
     mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
     return model

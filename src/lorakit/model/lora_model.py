@@ -25,6 +25,7 @@ from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
 from .walk import adapter_modules
+from .weight_tying import plan_weight_tying, tie_saved_copies
 
 
 @contextlib.contextmanager
@@ -159,6 +160,7 @@ class LoraModel(nn.Module):
         with self.adding(adapter_name):
             self._prepare_model(config)
             self.peft_config[adapter_name] = config
+            tying = plan_weight_tying(self.model, config)
             inject_lora(
                 self.model,
                 config,
@@ -169,6 +171,7 @@ class LoraModel(nn.Module):
             wrap_modules_to_save(
                 self.model, list(config.modules_to_save or []), adapter_name, auto_names=auto_modules_to_save
             )
+            tie_saved_copies(self.model, tying, adapter_name)
             self._apply_trainability()
 
     @contextlib.contextmanager
