@@ -193,3 +193,12 @@ def test_a_second_adapter_gets_the_same_targets(targets):
         lorakit.set_peft_model_state_dict(ours, ref_sd, adapter_name=name)
     ref.set_adapter("two"), ours.set_adapter("two")
     torch.testing.assert_close(_logits(ours, IDS), _logits(ref, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_exclude_modules_naming_the_router_warns_that_it_still_gets_lora():
+    """exclude_modules does not apply to target_parameters (as in peft, same adapter), but it is never silent."""
+    kwargs = dict(target_modules="all-linear", exclude_modules=["gate"])
+    with pytest.warns(UserWarning, match=r"exclude_modules=\['gate'\] names the module\(s\) of .*mlp\.gate\.weight"):
+        ours = lorakit.get_peft_model(tiny("mixtral"), lorakit.LoraConfig(**kwargs))
+    ref = peft.get_peft_model(tiny("mixtral"), peft.LoraConfig(**kwargs))
+    assert _shapes(lorakit.get_peft_model_state_dict(ours)) == _shapes(peft.get_peft_model_state_dict(ref))

@@ -9,12 +9,15 @@ target exactly the same parameters (the nesting decides the saved keys).
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..layers.param_wrapper import ParamWrapper
 from ..targeting import rank_and_alpha
+from ..targeting.match import matches_any
 
 
 def _chain(module: nn.Module) -> list[ParamWrapper]:
@@ -90,6 +93,20 @@ def _check_same_targets(model: nn.Module, adapter_name: str, targets: list[tuple
             )
 
 
+def _warn_if_excluded(config: LoraConfig, targets: list[tuple[str, str]]) -> None:
+    """exclude_modules applies to target_modules only (as in PEFT); say so when it names a parameter's module, e.g.
+    the router ``gate`` that 'all-linear' adapts through ``gate.weight`` on MoE models."""
+    named = [f"{p}.{n}" for p, n in targets if matches_any(config.exclude_modules, p)]
+    if named:
+        warnings.warn(
+            f"exclude_modules={config.exclude_modules!r} names the module(s) of {named[:3]}"
+            f"{' ...' if len(named) > 3 else ''}, which target_parameters={config.target_parameters} still adapts: "
+            "exclude_modules applies to target_modules only (as in PEFT). Leave the parameter out of "
+            "target_parameters, or list target_modules instead of 'all-linear' on mixture-of-experts models.",
+            stacklevel=5,
+        )
+
+
 def inject_parameters(
     model: nn.Module,
     config: LoraConfig,
@@ -106,6 +123,7 @@ def inject_parameters(
     targets = parameter_targets(model, config)
     if targets:
         _check_same_targets(model, adapter_name, targets)
+        _warn_if_excluded(config, targets)
     for path, name in targets:
         current = model.get_submodule(path)
         layer = next((w for w in _chain(current) if w.parameter_name == name), None)
