@@ -5,7 +5,9 @@ The reference of every call is the same call run alone, sequentially, before any
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -160,3 +162,25 @@ def test_alora_activation_is_per_thread_and_removed_on_error():
         raise RuntimeError
     assert seen == [None]
     assert current_alora() is None
+
+
+def test_per_call_caches_end_with_the_call(model_and_reference):
+    """Kernel plans and row slots live in the routing's scratch: after the call no layer holds them (before, each
+    layer kept the last call's plan, gathered factors included, and a process-wide dict kept row slots)."""
+    model, inputs, reference = model_and_reference
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen, planned = [], []
+
+    def look(module, args, out):
+        seen.append(weakref.ref(current_routing()))
+        planned.append(module in current_routing().scratch)  # the fast path planned this layer in the scratch
+
+    handle = layer.register_forward_hook(look)
+    try:
+        torch.testing.assert_close(_call(model, inputs, THREAD_NAMES[1]), reference[1], atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
+    gc.collect()
+    assert planned == [True]
+    assert len(seen) == 1 and seen[0]() is None  # the routing, and with it its scratch, is gone
+    assert not any("_lorakit_mixed" in m.__dict__ for m in model.modules())
