@@ -70,14 +70,15 @@ def _summed_loss_and_grads(
         h = hidden.index_select(0, rows).detach().requires_grad_(True)  # (C, H)
         with torch.enable_grad():
             logits = plan.logits(h)  # (C, V), a graph back to h and the head's parameters
-        loss, grad_logits = cross_entropy_sum_and_grad(logits.detach(), targets.index_select(0, rows))
+        chunk_targets = targets.index_select(0, rows).to(logits.device)  # a head on another device (device_map)
+        loss, grad_logits = cross_entropy_sum_and_grad(logits.detach(), chunk_targets)
         grads = torch.autograd.grad(logits, [h, *params], grad_outputs=grad_logits, allow_unused=True)
         del logits, grad_logits
         grad_h.index_copy_(0, rows, grads[0])
         for i, g in enumerate(grads[1:]):
             if g is not None:
                 grad_p[i] = g if grad_p[i] is None else grad_p[i].add_(g)
-        total += loss
+        total += loss.to(total.device)
     return total, grad_h, grad_p
 
 
@@ -113,5 +114,6 @@ def chunked_linear_cross_entropy(
         return _ChunkedLinearCrossEntropy.apply(hidden, targets, denominator, plan, *params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for rows in _valid_rows(targets, plan.ignore_index).split(plan.rows):
-        total += cross_entropy_sum(plan.logits(hidden.index_select(0, rows)), targets.index_select(0, rows))
+        logits = plan.logits(hidden.index_select(0, rows))
+        total += cross_entropy_sum(logits, targets.index_select(0, rows).to(logits.device)).to(total.device)
     return total / denominator
