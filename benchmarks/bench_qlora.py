@@ -1,10 +1,11 @@
 """QLoRA training step on bitsandbytes' CPU backend: lorakit vs peft on the same 4-bit (nf4) base and adapter weights.
 
 The model: the CPU profile's Llama shape (``cases/common.py``: hidden 256, 4 layers, intermediate 688, 8 heads, 4 kv
-heads, vocab 2048, untied head; B2 x T128), built from ``LlamaConfig``, saved once and loaded twice through transformers' ``BitsAndBytesConfig``
-(``load_in_4bit``, nf4, float32 compute dtype, double quantisation off, on the CPU): one copy per library. LoRA
-r=16, alpha=32 on all linear layers, ``init_lora_weights=False`` (B != 0), the same adapter weights in both (lorakit's
-copied into peft by the shared names). A step: forward with ``labels = input_ids``, backward, AdamW.
+heads, vocab 2048, untied head; B2 x T128), built from ``LlamaConfig``, saved once and loaded twice through
+transformers' ``BitsAndBytesConfig`` (``load_in_4bit``, nf4, float32 compute dtype, double quantisation off, on the
+CPU): one copy per library. LoRA r=16, alpha=32 on all linear layers, ``init_lora_weights=False`` (B != 0), the same
+adapter weights in both (lorakit's copied into peft by the shared names). A step: forward with ``labels =
+input_ids``, backward, AdamW.
 
 Time: both libraries in one process, steps interleaved round by round (alternating who goes first), median of
 ``--steps`` after ``--warmup``; wall time and this thread's CPU time (``--threads 1``, the default: on a shared
