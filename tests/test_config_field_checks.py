@@ -106,3 +106,20 @@ def test_a_bare_string_in_modules_to_save_is_one_name_not_its_letters():
     assert wrapped == ["base_model.model.lin1"]
     saved = json.loads(json.dumps(model.peft_config["default"].to_dict()))
     assert saved["modules_to_save"] == ["lin1"]  # written as a list: peft reads it back correctly
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    config = lorakit.LoraConfig(
+        r=np.int64(4),
+        lora_alpha=np.float32(8),
+        lora_dropout=np.float64(0.1),
+        target_modules=["lin0"],
+        layers_to_transform=[np.int64(0)],
+        rank_pattern={"lin0": np.int32(2)},
+    )
+    assert (type(config.r), type(config.lora_alpha), type(config.lora_dropout)) == (int, float, float)
+    assert type(config.layers_to_transform[0]) is int and type(config.rank_pattern["lin0"]) is int
+    assert json.loads(config.to_json_string())["lora_alpha"] == 8.0  # JSON-ready
+    with pytest.raises(ValueError, match=r"`lora_alpha` must be a finite number, got .*nan"):
+        lorakit.LoraConfig(lora_alpha=np.float32("nan"))

@@ -2,14 +2,15 @@
 accepted, before anything is built. PEFT takes these values unchecked (a string as a flag is truthy, a NaN alpha
 multiplies every output); docs/features.md lists where lorakit is stricter.
 
-Each check receives a label for the message (```r```, or ``rank_pattern['q']`` for an entry) and the value, and
-returns the normalised value (or raises). ``FIELD_CHECKS`` maps a field to its check; LoraConfig runs them all first
-in ``__post_init__``.
+Each check receives a label for the message (the field name in backticks, or ``rank_pattern['q']`` for an entry) and
+the value, and returns the normalised value (or raises): numpy scalars become Python numbers (JSON-ready).
+``FIELD_CHECKS`` maps a field to its check; LoraConfig runs them all first in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,17 @@ def _kind(value: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Integers, numpy's included; never bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> int | float:
+    """A Python int or float for an integral / real number of any type (numpy scalars)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -44,20 +55,20 @@ def check_bool(name: str, value: Any) -> bool:
 def check_alpha(name: str, value: Any) -> int | float:
     """A finite real number (int or float); 0 warns (the adapter then does nothing). NaN / inf poison every output
     (and ``addmm(alpha=nan)`` on CPU even depends on the input's rank)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         hint = " (a number, not a string)" if isinstance(value, str) else ""
         raise ValueError(f"{name} must be a finite number{hint}, got {value!r} ({_kind(value)}).")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
     if value == 0:
         warnings.warn(f"{name} is 0: scaling is 0, so this adapter changes nothing and gets no gradient.", stacklevel=5)
-    return value
+    return _plain(value)
 
 
 def check_dropout(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r} ({_kind(value)}); give a number, 0 for no dropout.")
-    return value
+    return _plain(value)
 
 
 def check_module_names(name: str, value: Any) -> list[str] | str | None:
@@ -94,9 +105,9 @@ def check_layer_indices(name: str, value: Any) -> list[int] | int | None:
     if value is None:
         return None
     if _is_int(value) and value >= 0:
-        return value
+        return int(value)
     if isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value):
-        return list(value)
+        return [int(v) for v in value]
     raise ValueError(
         f"{name} must be a non-negative layer index or a list of them (e.g. [0, 1]); got {value!r} ({_kind(value)})."
     )
@@ -108,21 +119,20 @@ def check_pattern_keys(name: str, value: Any, check_value: Callable[[str, Any], 
         return {}
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a dict of regex -> value, got {value!r} ({_kind(value)}).")
-    for key, item in value.items():
+    for key in value:
         if not isinstance(key, str):
             raise ValueError(f"{name} keys must be strings (regular expressions), got {key!r} ({_kind(key)}).")
         try:
             re.compile(key)
         except re.error as err:
             raise ValueError(f"{name} key {key!r} is not a valid regular expression: {err}.") from None
-        check_value(f"{name.strip('`')}[{key!r}]", item)
-    return dict(value)
+    return {key: check_value(f"{name.strip('`')}[{key!r}]", item) for key, item in value.items()}
 
 
 def check_rank(name: str, value: Any) -> int:
     if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r} ({_kind(value)}).")
-    return value
+    return int(value)
 
 
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
