@@ -232,3 +232,16 @@ def test_trl_fused_lm_head_request_runs_the_models_own_forward():
     model.enable_fused_loss()
     (out,), caught = _warnings_of(model, 1, **batch(VOCAB), fused_lm_head=True)
     assert not caught and out.log_probs is not None
+
+
+def test_bfloat16_model():
+    """A bfloat16 model: logits in bf16, upcast for the loss as the model's own; equal to bf16 rounding."""
+    model = lora(tiny_causal_lm("Gemma2ForCausalLM").to(torch.bfloat16))
+    inputs = batch(VOCAB)
+    ref, ref_grads = step(model, False, **inputs)
+    out, grads = step(model, True, **inputs)
+    assert out.loss.dtype == ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=0)
+    for name, g in ref_grads.items():
+        assert grads[name].dtype == g.dtype
+        assert ((grads[name].float() - g.float()).norm() / g.float().norm()).item() <= 2e-2, name
