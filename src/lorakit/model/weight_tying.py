@@ -58,7 +58,10 @@ def _base_weight(module: nn.Module):
 def tied_with_embedding(model: nn.Module) -> tuple[str | None, list[str]]:
     """(path of the input embedding, paths of the other modules that share its weight Parameter)."""
     get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
+    try:
+        embedding = get_input() if callable(get_input) else None
+    except NotImplementedError:  # transformers models without token embeddings (Wav2Vec2ForCTC and the like)
+        embedding = None
     weight = _base_weight(embedding) if embedding is not None else None
     if weight is None:
         return None, []
