@@ -145,7 +145,7 @@ def test_a_regex_for_one_layer_adapts_that_layer():
 
 
 def test_a_regex_must_match_both_halves_of_a_fused_projection_in_each_layer():
-    with pytest.raises(ValueError, match=r"different layers.*gate_up_proj"):
+    with pytest.raises(ValueError, match=r"does not match all of \['w1', 'w3'\] in the same layers.*gate_up_proj"):
         lorakit.get_peft_model(tiny("mixtral"), lorakit.LoraConfig(target_modules=r".*\.0\..*w1|.*w3"))
 
 

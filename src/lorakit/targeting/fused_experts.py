@@ -152,9 +152,9 @@ def _regex_hits(model: nn.Module, family: ExpertRenames, regex: str, module_path
         parts = family.fused_from(parameter)
         if len({frozenset(hits.get(p, ())) for p in parts}) > 1:
             raise ValueError(
-                f"target_modules={regex!r} matches {parts} of the experts in different layers: in transformers 5 "
-                f"they are fused into one parameter {parameter!r}, which can only be adapted as a whole; match "
-                f"{parts} together (or neither) in each layer."
+                f"target_modules={regex!r} does not match all of {parts} in the same layers (matched: "
+                f"{ {p: sorted(hits.get(p, ())) for p in parts} }): in transformers 5 they are fused into one "
+                f"parameter {parameter!r}, which can only be adapted as a whole; match {parts} together (or neither)."
             )
     return hits
 
