@@ -222,4 +222,13 @@ def failures_as_one_line(world: World) -> Iterator[None]:
             "(see its message). This rank wrote nothing; a checkpoint, if one was saved, is intact."
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # left so by ignore_late_stop_signals
+            signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_late_stop_signals(world: World) -> None:
+    """After the ranks stopped on a signal: torchrun sends the stop to every rank, and a copy that reaches this rank
+    after it stopped (another rank's signal came first) is no new request; ignore it while the rank exits."""
+    if world.distributed and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)

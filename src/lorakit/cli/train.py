@@ -444,6 +444,7 @@ def _save_checkpoint(run: Run, parallel: Any, peft_model: Any, optimizer: Any, s
 def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> TrainOutcome:
     from .evaluation import held_out_loss
     from .progress import NoProgress, make_progress
+    from .ranks import ignore_late_stop_signals
     from .train_state import remove_checkpoint
     from .trainer import stop_on_signals, train_steps
 
@@ -477,6 +478,7 @@ def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> T
     outcome = TrainOutcome(run.out, completed, peft_model, run.tokenizer, before, pairs=run.pairs, steps=state.step)
     outcome.seconds, outcome.is_main = state.seconds, world.is_main
     if not completed:
+        ignore_late_stop_signals(world)
         outcome.stopped_by, outcome.exit_code = stop.name, stop.exit_code
         return outcome
     peft_model.eval()

@@ -152,13 +152,15 @@ def _moving_average(losses: list[tuple[int, float]]) -> float | None:
     return average
 
 
-def _agree(world: World, loss: float, tokens: int, stop: StopRequest) -> tuple[float, int]:
-    """The step's loss and tokens over all ranks; a stop signal on any rank stops every rank after this step."""
+def _agree(world: World, loss: float, tokens: int, stop: StopRequest) -> tuple[float, int, bool]:
+    """The step's loss and tokens over all ranks, and whether to stop after this step. One process: when a stop
+    signal came at any time in the step. Several ranks: when one came to any rank before this exchange; a signal
+    arriving later counts at the next step, so that every rank stops after the same step."""
     rows = world.totals([loss, float(tokens), float(stop.signum or 0)])
     signum = int(max(r[2] for r in rows))
     if signum and not stop.requested:
         stop.signum = signum  # another rank got it: the same checkpoint, message and exit code everywhere
-    return sum(r[0] for r in rows) / world.size, int(sum(r[1] for r in rows))
+    return sum(r[0] for r in rows) / world.size, int(sum(r[1] for r in rows)), bool(signum)
 
 
 def _step(
@@ -217,7 +219,7 @@ def train_steps(
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state.step, s)
-            loss_sum, tokens = _agree(world, *_step(rows, s, state.step, micro_step, ctx), stop)
+            loss_sum, tokens, agreed_stop = _agree(world, *_step(rows, s, state.step, micro_step, ctx), stop)
             if s.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
@@ -234,7 +236,7 @@ def train_steps(
                 parallel.model.train()
             if on_step is not None:
                 on_step(state.step)
-            if stop.requested:
+            if agreed_stop if world.distributed else stop.requested:
                 save()
                 return False
             if s.save_every and state.step % s.save_every == 0 and state.step < s.max_steps:
