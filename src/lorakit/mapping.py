@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -24,6 +26,14 @@ def get_peft_model(
     """
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported by lorakit; all adapters here are LoRA.")
+    from .layers import LoraLayer
+
+    if any(isinstance(module, LoraLayer) for module in model.modules()):  # PEFT's warning, same condition
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
     model_config = getattr(model, "config", None)
     if peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = getattr(model_config, "name_or_path", None) or None

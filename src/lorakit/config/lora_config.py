@@ -221,6 +221,15 @@ class LoraConfig(PeftConfigMixin):
                 setattr(self, name, default())
             elif init != method and getattr(self, name) is not None:
                 warnings.warn(f"{name} is ignored because init_lora_weights={init!r} (not {method!r}).", stacklevel=3)
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and _converts_base(init):
+            warnings.warn(  # PEFT's warning: conversion on save (A' = [A; A0], alpha * sqrt(2)) is refused for these
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or "
+                "rank_pattern/alpha_pattern.",
+                stacklevel=3,
+            )
         if self.lora_bias and not isinstance(init, bool):
             raise ValueError(f"`lora_bias=True` only works with init_lora_weights True or False, got {init!r}.")
 
@@ -308,6 +317,11 @@ class LoraConfig(PeftConfigMixin):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
         data.update(kwargs)
         return cls.from_dict(data)
+
+
+def _converts_base(init: bool | str) -> bool:
+    """Inits that move part of W into the adapter (PiSSA, OLoRA, CorDA, LoRA-GA)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "lora_ga"))
 
 
 def _jsonable(value: Any) -> Any:

@@ -193,6 +193,13 @@ class LoraLayer(nn.Module):
         )
         record.frozen = frozen_factors(config.init_lora_weights)
         self._check_supported(adapter_name, record, config, module_name)
+        if record.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(  # PEFT's warning; merging such an adapter raises
+                f"`lora_bias=True` was passed but the targeted layer {module_name or ''!r} of type "
+                f"{type(self.get_base_layer()).__name__} has no bias. This means that merging LoRA weights won't be "
+                "possible.",
+                stacklevel=4,
+            )
         if adapter_name in self.adapters:  # replacing: nothing of the old adapter (e.g. a DoRA magnitude) may remain
             if adapter_name in self.merged_adapters:
                 raise ValueError(f"Adapter {adapter_name!r} is merged into this layer; unmerge it before replacing it.")

@@ -274,6 +274,13 @@ class LoraModel(nn.Module):
             (w, w.disable_adapters) for w in self._wrappers()
         ]
         states += [(t, t.disable_adapters) for _, t in self._token_wrappers()]
+        if len({was_disabled for _, was_disabled in states}) > 1:  # PEFT warns on the same condition
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, each layer is restored to its "
+                "state (PEFT enables all of them).",
+                stacklevel=3,
+            )
         self._set_layers_enabled(False)
         try:
             yield
@@ -414,6 +421,7 @@ class LoraModel(nn.Module):
                 parent, child = split_parent(self.model, path)
                 keep = next((n for n in names if n in module.modules_to_save), None)
                 setattr(parent, child, module.unwrapped(keep))
+        _note_untied_embeddings(self.model)
         return self.model
 
 
@@ -444,3 +452,23 @@ def _check_finite_merge(path: str, layer: LoraLayer, pending: list[str]) -> None
                 f"NaNs detected in the merged weights. The adapter {name} seems to be broken (layer {path}); "
                 "nothing was merged."
             )
+
+
+def _note_untied_embeddings(model: nn.Module) -> None:
+    """After unloading, a model configured with tied embeddings whose input and output embeddings no longer share a
+    weight (a merged adapter changed one of them) gets ``tie_word_embeddings=False``, with PEFT's warning."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    out_w, in_w = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    if out_w is not None and in_w is not None and out_w.data_ptr() != in_w.data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn(
+            "Input and output embeddings are no longer tied after merging. Setting `tie_word_embeddings=False` in "
+            "the model config.",
+            stacklevel=4,
+        )
