@@ -63,5 +63,5 @@ def test_defaults_are_the_query_and_value_projections_of_every_attention(model_t
     wrapped = lorakit.get_peft_model(model, lorakit.LoraConfig())
     adapted = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
     assert adapted == expected
-    with pytest.raises(ValueError, match=r"specify `target_modules`"):
+    with pytest.raises(ValueError, match=r"target_modules"):  # "Please specify" (qwen3_moe: its MoE rewrite's)
         peft.get_peft_model(_tiny(model_type), peft.LoraConfig())
