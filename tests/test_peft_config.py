@@ -91,3 +91,12 @@ def test_lora_config_is_a_peft_config_and_loads_through_it(tmp_path):
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(LoraConfig(), PeftConfig) and not isinstance(object(), PeftConfig)
     assert config.to_dict() == LoraConfig.from_pretrained(tmp_path).to_dict()
+
+
+def test_public_mappings_name_the_same_classes_as_peft():
+    assert lorakit.PEFT_TYPE_TO_CONFIG_MAPPING["LORA"] is LoraConfig
+    assert peft.PEFT_TYPE_TO_CONFIG_MAPPING["LORA"] is peft.LoraConfig
+    for task, cls in peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items():
+        assert lorakit.MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task].__name__ == cls.__name__
+    for name in ("PeftConfig", "get_peft_config", "load_peft_weights", "AutoPeftModel", "AutoPeftModelForCausalLM"):
+        assert name in lorakit.__all__ and name in peft.__all__

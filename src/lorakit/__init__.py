@@ -14,6 +14,7 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import (
+    PEFT_TYPE_TO_CONFIG,
     ArrowConfig,
     CordaConfig,
     EvaConfig,
@@ -38,6 +39,7 @@ from .model.status import TunerLayerStatus, TunerModelStatus, get_layer_status, 
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .patch_peft import patch_peft, unpatch_peft  # the functions (peft imported on call); shadows the subpackage name
 from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -49,7 +51,11 @@ from .peft_model import (
 
 __version__ = "0.1.0"
 
+PEFT_TYPE_TO_CONFIG_MAPPING = PEFT_TYPE_TO_CONFIG  # PEFT's name: "LORA" -> LoraConfig
+
 __all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
     "ArrowConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
