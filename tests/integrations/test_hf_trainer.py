@@ -179,3 +179,22 @@ def test_save_uses_a_state_dict_it_is_given(tmp_path):
     saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
     assert saved and all(not t.any() for t in saved.values())
     assert not set(os.listdir(tmp_path / "saved")) & FULL_MODEL_FILES
+
+
+def test_fused_loss_is_on_by_default_and_matches_the_full_logits(tmp_path):
+    """LorakitTrainer turns on the chunked loss for causal LMs: same losses and adapter as fused_loss=False."""
+    runs = {}
+    for fused in (True, False):
+        model = _model()
+        args = _args(tmp_path / str(fused))
+        trainer = LorakitTrainer(model=model, args=args, train_dataset=RepeatedRows(), fused_loss=fused)
+        assert (model.__dict__.get("_fused_loss") is not None) is fused
+        trainer.train()
+        runs[fused] = (_losses(trainer), _lora_state(model))
+        model.train()
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
+        assert (out.logits is None) is fused
+    for step, loss in runs[False][0].items():
+        assert runs[True][0][step] == pytest.approx(loss, rel=1e-5)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-6)

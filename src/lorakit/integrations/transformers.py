@@ -106,7 +106,11 @@ class LorakitTrainerMixin:
 
     _lorakit_trl_aware = False  # set by LorakitTRLMixin, which handles what TRL's constructors do with the model
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any) -> None:
+        """``fused_loss`` (default True): causal LMs compute their training loss in chunks without the full logits
+        (``PeftModel.enable_fused_loss``; the same loss and gradients, far less memory for large vocabularies).
+        Training forwards with labels then return ``logits=None``; evaluation gets logits. False leaves the model's
+        setting as it is."""
         trl_bases = [c.__qualname__ for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl"]
         if trl_bases and not self._lorakit_trl_aware:
             raise TypeError(
@@ -125,6 +129,8 @@ class LorakitTrainerMixin:
             )
         if self._lorakit_introspect:
             self._inspect_base_model(model.get_base_model())
+        if fused_loss and _is_causal_lm(model.get_base_model()) and model.__dict__.get("_fused_loss") is None:
+            model.enable_fused_loss()
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         """DDP without ``find_unused_parameters``: only the active adapters train, and every one of them is used."""

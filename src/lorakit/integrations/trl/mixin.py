@@ -83,7 +83,7 @@ class LorakitTRLMixin(LorakitTrainerMixin):
     _lorakit_introspect = False  # TRL computes its own losses and chooses its own dataset columns
     _lorakit_trl_aware = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any) -> None:
         trl_base = next(c for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl")
         bound = inspect.signature(trl_base.__init__).bind(self, *args, **kwargs)
         call = dict(bound.arguments)
@@ -104,7 +104,7 @@ class LorakitTRLMixin(LorakitTrainerMixin):
         if state.policy is not None:
             self._prepare_policy(state.policy, call.get("ref_model"), trl_args)
         with constructor_seam(type(self), state):
-            super().__init__(**call)
+            super().__init__(**call, fused_loss=fused_loss)
         self.lorakit_references = state.references
 
     # ------------------------------------------------------------------ before TRL's constructor
