@@ -49,7 +49,8 @@ class DataParallel(OneProcess):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.local_rank] if world.device.startswith("cuda") else None
-        super().__init__(DistributedDataParallel(model, device_ids=ids), world)
+        # buffers (rotary tables, ...) are loaded alike on every rank and never trained: no broadcast per forward
+        super().__init__(DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False), world)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.model.no_sync()

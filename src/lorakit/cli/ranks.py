@@ -219,7 +219,7 @@ def failures_as_one_line(world: World) -> Iterator[None]:
             raise
         raise RankFailure(
             f"{world.name()}: lost contact with the other ranks ({one_line(err)[:160]}); another rank stopped first "
-            "(see its message). This rank wrote nothing; a checkpoint, if one was saved, is intact."
+            "(see its message). No adapter was written; the last checkpoint, if one was saved, is intact."
         ) from None
     finally:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # left so by ignore_late_stop_signals
