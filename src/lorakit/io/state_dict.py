@@ -32,6 +32,16 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Module-name segments of torch wrappers (FSDP1 units, activation checkpointing) that their ``state_dict()``
+leaves out of the keys (torch.compile's ``_orig_mod`` stays: its keys keep it)."""
+
+
+def clean_name(name: str) -> str:
+    """A module path as the keys of its wrappers' ``state_dict()`` spell it (wrapper segments removed)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
 class AdapterKeys:
     """Where a model keeps adapter tensors, read off its modules.
 
@@ -42,6 +52,7 @@ class AdapterKeys:
         self.lora_attrs: dict[str, frozenset[str]] = {}
         self.wrappers: set[str] = set()
         for name, module in model.named_modules():
+            name = clean_name(name)
             if isinstance(module, LoraLayer):
                 self.lora_attrs[name] = frozenset(module.adapter_layer_names)
             elif isinstance(module, ModulesToSaveWrapper):
