@@ -184,3 +184,11 @@ def test_lorakit_imports_without_peft():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "needs peft installed" in out
+
+
+def test_layers_with_an_instance_forward_are_named():
+    model = peft_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.forward = layer.forward  # as accelerate's hooks do: an instance attribute wrapping the old forward
+    with pytest.warns(UserWarning, match=r"1 LoRA layers .*layers\.0\.self_attn\.q_proj.*instance-level forward"):
+        lorakit.patch_peft(model)

@@ -56,6 +56,13 @@ def patch_peft(model: nn.Module) -> nn.Module:
     for layer in layers:
         if type(layer) is api.linear:
             layer.__class__ = patched_class(api.linear)
+    own = [name for name, m in model.named_modules() if is_patched(m) and "forward" in m.__dict__]
+    if own:
+        warnings.warn(
+            f"patch_peft: {len(own)} LoRA layers (e.g. {own[0]!r}) carry their own instance-level forward (an "
+            "accelerate hook?), which is called instead of the class's: they keep computing as before, unpatched.",
+            stacklevel=2,
+        )
     scope.install(_scope_root(model, api))
     return model
 
