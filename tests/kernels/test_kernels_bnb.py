@@ -27,12 +27,14 @@ SPECS = [(96, 4, 2.0), (64, 2, 0.5), (128, 8, 1.0)]  # (out, r, scaling): q/k/v-
 
 
 def _quantised(bits: str, out: int, seed: int, compute: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A bitsandbytes linear (64 -> out, with bias) quantised on ``DEVICE`` from a seeded nn.Linear."""
+    """A bitsandbytes linear (64 -> out, with bias) quantised on ``DEVICE`` from a seeded nn.Linear; ``bits``:
+    "4bit" (nf4, nested statistics as bitsandbytes' default), "fp4" or "8bit"."""
     torch.manual_seed(seed)
     dense = torch.nn.Linear(64, out)
     dense.bias.data.mul_(10)  # a bias that matters
-    if bits == "4bit":
-        module = bnb.nn.Linear4bit(64, out, compute_dtype=compute, quant_type="nf4")
+    if bits in ("4bit", "fp4"):
+        quant_type = "nf4" if bits == "4bit" else "fp4"
+        module = bnb.nn.Linear4bit(64, out, compute_dtype=compute, quant_type=quant_type)
     else:
         module = bnb.nn.Linear8bitLt(64, out, has_fp16_weights=False)
     module.load_state_dict(dense.state_dict())
@@ -44,7 +46,7 @@ def _members(bits: str, compute: torch.dtype = torch.float32):
     members = []
     for i, (out, r, scaling) in enumerate(SPECS):
         module = _quantised(bits, out, seed=i, compute=compute)
-        base = Bnb4bitBase(module) if bits == "4bit" else Bnb8bitBase(module)
+        base = Bnb8bitBase(module) if bits == "8bit" else Bnb4bitBase(module)
         lora_a = torch.randn(r, 64, generator=g).to(DEVICE).requires_grad_(True)
         lora_b = torch.randn(out, r, generator=g).to(DEVICE).requires_grad_(True)
         members.append((module, base, lora_a, lora_b, scaling))
@@ -58,10 +60,10 @@ def _grads(tensors) -> list[torch.Tensor | None]:
     return out
 
 
-CASES = [("4bit", torch.float32), ("4bit", torch.bfloat16), ("8bit", torch.float32)]
+CASES = [("4bit", torch.float32), ("4bit", torch.bfloat16), ("fp4", torch.float32), ("8bit", torch.float32)]
 
 
-@pytest.mark.parametrize(("bits", "compute"), CASES, ids=["nf4", "nf4-bf16-compute", "int8"])
+@pytest.mark.parametrize(("bits", "compute"), CASES, ids=["nf4", "nf4-bf16-compute", "fp4", "int8"])
 @pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no-dx"])
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)], ids=["all-used", "one-unused"])
 def test_group_node_equals_reference(bits, compute, x_grad, used):
@@ -165,7 +167,10 @@ def test_qlora_model_takes_the_node_and_trains_as_the_reference(llama64_dir, bit
     ours.eval()
     ref.eval()
     with torch.no_grad():  # inference: the node's plain ops (4-bit: bitsandbytes' CPU inference kernel)
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+        logits = ours(ids).logits
+        torch.testing.assert_close(logits, ref(ids).logits, atol=1e-5, rtol=0)
+    with torch.inference_mode():  # no version counters: every layer alone, same numbers
+        torch.testing.assert_close(ours(ids).logits, logits, atol=1e-6, rtol=0)
 
 
 def test_dropout_layers_take_the_node_alone(llama64_dir):
