@@ -128,7 +128,8 @@ def _interrupt(argv: list[str], cwd: Path) -> tuple[int, str]:
 
 
 def test_sigterm_checkpoint_resumes_on_two_ranks_and_on_one(single, ddp, files, tmp_path, capsys):
-    code, stderr = _interrupt(_argv(files, "out", "--nproc", "2"), tmp_path)
+    """Under --fsdp, so that the optimizer state is gathered from shards to save and sharded again to resume."""
+    code, stderr = _interrupt(_argv(files, "out", "--nproc", "2", "--fsdp"), tmp_path)
     out = tmp_path / "out"
     assert code == 128 + signal.SIGTERM, stderr
     assert stderr.count("interrupted at step") == 1 and stderr.count("SIGTERM: finishing this step") == 1, stderr
@@ -140,14 +141,14 @@ def test_sigterm_checkpoint_resumes_on_two_ranks_and_on_one(single, ddp, files, 
     assert not torch.equal(payload["rng_ranks"][0]["torch"], payload["rng_ranks"][1]["torch"])
     shutil.copytree(out, tmp_path / "out1")
 
-    done = _lorakit([*_argv(files, "out", "--nproc", "2"), "--resume"], tmp_path)
+    done = _lorakit([*_argv(files, "out", "--nproc", "2", "--fsdp"), "--resume"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(f"at step {stopped_at}/{STEPS}") == 1
     _assert_same_adapter(out, ddp[1])
     assert [v for _, v in _losses(out)] == pytest.approx([v for _, v in _losses(ddp[1])], abs=1e-6)
     assert not (out / "checkpoint").exists()
 
-    # the data position is global: the same checkpoint resumes in one process, to the same adapter
+    # the data position is global: the same checkpoint resumes in one process (no FSDP), to the same adapter
     code, _, stderr = run_cli([*_argv(files, tmp_path / "out1", "--progress", "none"), "--resume"], capsys)
     assert code == 0, stderr
     _assert_same_adapter(tmp_path / "out1", single)
