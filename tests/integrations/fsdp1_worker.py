@@ -34,6 +34,20 @@ def run(rank: int, world: int, port: int, out: str) -> None:
                 auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
             )
             sharded = lorakit.get_peft_model_state_dict(wrapped)  # a collective: every rank calls it
-        torch.save({"plain": plain, "fsdp": sharded}, Path(out) / f"rank{rank}.pt")
+            torch.manual_seed(1)  # other adapter weights, then the first one's loaded into the sharded model
+            other = lorakit.get_peft_model(MLP(), config)
+            other = FSDP(
+                other,
+                use_orig_params=True,
+                device_id=torch.device("cpu"),
+                auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+            )
+            before = lorakit.get_peft_model_state_dict(other)
+            result = lorakit.set_peft_model_state_dict(other, plain)
+            reloaded = lorakit.get_peft_model_state_dict(other)
+        torch.save(
+            {"plain": plain, "fsdp": sharded, "before": before, "reloaded": reloaded, "result": tuple(result)},
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()

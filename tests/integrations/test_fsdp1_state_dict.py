@@ -1,5 +1,6 @@
-"""get_peft_model_state_dict under FSDP1 (FullyShardedDataParallel, use_orig_params=True, nested units): the
-adapter's full tensors on every rank, as without FSDP (it returned {} before), in 2 CPU processes (gloo)."""
+"""get_peft_model_state_dict and set_peft_model_state_dict under FSDP1 (FullyShardedDataParallel,
+use_orig_params=True, nested units): the adapter's full tensors on every rank, as without FSDP (it returned {}
+before), and loaded back into a sharded model, in 2 CPU processes (gloo)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ def test_fsdp1_state_dict_equals_the_unwrapped_one(tmp_path):
         assert sorted(sharded) == sorted(plain) and len(plain) == 6  # lin0/lin1 A and B, head weight and bias
         for key, tensor in plain.items():
             torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=0, msg=key)
+        # set_peft_model_state_dict into a sharded model: every key lands (it refused them before)
+        assert result["result"] == ([], [])
+        assert any(not torch.equal(result["before"][k], plain[k]) for k in plain)
+        for key, tensor in plain.items():
+            torch.testing.assert_close(result["reloaded"][key], tensor, rtol=0, atol=0, msg=key)
 
 
 def test_wrapper_segments_are_left_out_of_adapter_keys():

@@ -221,6 +221,7 @@ def model_prefix(model: nn.Module) -> str:
 
     for name, module in model.named_modules():
         if isinstance(module, LoraModel):
+            name = clean_name(name)  # as the keys of an FSDP1 root spell it
             return f"{name}.model." if name else "model."
     return ""
 
