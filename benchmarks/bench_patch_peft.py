@@ -145,9 +145,9 @@ def main() -> None:
     unknown = sorted(set(wanted) - set(runs))
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; choose from {sorted(runs)}")
-    print(f"{datetime.date.today()} · commit {_commit()} · `python benchmarks/bench_patch_peft.py --profile "
-          f"{args.profile}` · torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{_device_name(device)}")  # fmt: skip
+    command = " ".join(["python benchmarks/bench_patch_peft.py", *sys.argv[1:]])
+    print(f"{datetime.date.today()} · commit {_commit()} · `{command}` · torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {_device_name(device)}")  # fmt: skip
     print("| case | peft ms | patched ms | speed-up | check |\n| --- | --- | --- | --- | --- |")
     for case in wanted:
         peft_ms, patched_ms, note = runs[case]()
