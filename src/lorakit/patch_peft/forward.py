@@ -51,7 +51,9 @@ def _single(view: PeftLayerView, x: torch.Tensor) -> torch.Tensor | None:
     return fused_forward(view, x, (), {})
 
 
-def _mixed(layer: Any, view: PeftLayerView, x: torch.Tensor, adapter_names: Sequence[str] | None) -> Any:
+def _mixed(
+    layer: Any, view: PeftLayerView, x: torch.Tensor, adapter_names: Sequence[str] | None
+) -> torch.Tensor | None:
     """The gathered mixed-batch path, or None (peft's ``_mixed_batch_forward``). Rows named ``__base__`` or an
     adapter this layer lacks get the base output, as in peft."""
     if adapter_names is None or not isinstance(adapter_names, (list, tuple)):
