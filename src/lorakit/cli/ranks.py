@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import os
 import signal
@@ -24,6 +25,9 @@ from .errors import CliError, one_line
 T = TypeVar("T")
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+COLLECTIVE_TIMEOUT_MINUTES = 60
+"""How long a rank waits in a collective: the other ranks wait for rank 0's evaluations (held-out loss, generations)
+at their next one, longer than nccl's default of 10 minutes allows for a large model."""
 NOT_COMPARED = frozenset({"run", "argv", "debug"})
 """Parsed options left out of the comparison across ranks (the function to run, the raw argv, tracebacks)."""
 
@@ -62,16 +66,23 @@ class World:
         import torch.distributed as dist
 
         box: list[Any] = [None]
+        failure: Exception | None = None
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
             except CliError as err:
-                box[0] = ("error", one_line(err))
+                failure, box[0] = err, ("usage", one_line(err))
+            except Exception as err:  # every rank must hear of it, or they wait for rank 0 until a timeout
+                failure, box[0] = err, ("crash", f"{type(err).__name__}: {one_line(err)[:300]}")
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]
-        if status == "error":
-            raise CliError(value if self.is_main else f"{value} (rank 0, {what})")
-        return value
+        if status == "ok":
+            return value
+        if failure is not None:
+            raise failure
+        if status == "usage":
+            raise CliError(f"{value} (rank 0, {what})")
+        raise RankFailure(f"{self.name()}: rank 0 failed while {what} ({value}).")
 
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (pickled objects), in rank order; ``[value]`` for one process."""
@@ -169,7 +180,7 @@ def start(args: argparse.Namespace) -> World:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
     world = World(rank, size, local_rank, backend, device)
     world.check_same("options", options)
     args.device = device
