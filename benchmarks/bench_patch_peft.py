@@ -13,6 +13,8 @@ Cases (one peft model each, built by ``cases.common.wrap_peft``: r=16, all-linea
 
 The same model object is timed unpatched and patched, rounds alternating (``patch_peft`` / ``unpatch_peft`` are
 cheap), so load from other processes hits both alike; each side's figure is its best round (CPU) or median (CUDA).
+The CPU-time columns give this thread's CPU time for the same calls (one torch thread on CPU profiles: the work runs
+in this thread), which a busy shared host inflates far less than wall time.
 ``check`` is the relative error of the patched output against peft's (training: step-0 logits; decode: the generated
 tokens, equal or not).
 """
@@ -25,28 +27,62 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lorakit
-from cases.common import PROFILES, adapter_state, build_llama, fmt_ms, load_adapter_state, rel_err, time_ms, wrap_peft
-from cases.inference import _decode_ids, _decode_ms, _names
+from cases.common import (
+    PROFILES,
+    adapter_state,
+    build_llama,
+    fmt_ms,
+    load_adapter_state,
+    rel_err,
+    synchronize,
+    wrap_peft,
+)
+from cases.inference import _decode_ids, _names
 
 
-def _alternate(model, measure, rounds: int, device: torch.device) -> tuple[float, float]:
-    """(peft ms, patched ms): ``measure()`` in alternating rounds on the unpatched and the patched model."""
-    times: dict[bool, list[float]] = {False: [], True: []}
+def _clocked(fn, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) of one call of ``fn``: the median on CUDA, the minimum on CPU. CPU ms is this thread's CPU
+    time (with one torch thread the work runs in this thread), which other processes on a shared host do not
+    inflate; on CUDA it is the host's share."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    walls, cpus = [], []
+    for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        fn()
+        synchronize(device)
+        walls.append((time.perf_counter() - wall) * 1e3)
+        cpus.append((time.thread_time() - cpu) * 1e3)
+    pick = statistics.median if device.type == "cuda" else min
+    return pick(walls), pick(cpus)
+
+
+def _alternate(model, measure, rounds: int, device: torch.device) -> tuple[float, float, float, float]:
+    """(peft ms, patched ms, peft CPU ms, patched CPU ms): ``measure()`` -> (wall, cpu) in alternating rounds on the
+    unpatched and the patched model; each side's best round (CPU) or median round (CUDA)."""
+    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for _ in range(rounds):
         for patched in (False, True):
             if patched:
                 lorakit.patch_peft(model)
-            times[patched].append(measure())
+            runs[patched].append(measure())
             if patched:
                 lorakit.unpatch_peft(model)
     pick = statistics.median if device.type == "cuda" else min
-    return pick(times[False]), pick(times[True])
+    return (
+        pick(r[0] for r in runs[False]),
+        pick(r[0] for r in runs[True]),
+        pick(r[1] for r in runs[False]),
+        pick(r[1] for r in runs[True]),
+    )
 
 
 def train_case(base, profile: dict, device: torch.device, dora: bool) -> tuple[float, float, str]:
@@ -73,8 +109,8 @@ def train_case(base, profile: dict, device: torch.device, dora: bool) -> tuple[f
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def measure() -> float:
-        return time_ms(step, device, profile["steps"], profile["warmup"])
+    def measure() -> tuple[float, float]:
+        return _clocked(step, device, profile["steps"], profile["warmup"])
 
     ms = _alternate(model, measure, profile.get("rounds", 3), device)
     load_adapter_state(model, start)
@@ -97,7 +133,20 @@ def decode_case(base, profile: dict, device: torch.device) -> tuple[float, float
             )  # fmt: skip
         if patched:
             lorakit.unpatch_peft(model)
-    ms = _alternate(model, lambda: _decode_ms(model, profile, device, names), profile.get("rounds", 3), device)
+    n = profile["decode_tokens"]
+
+    def generate(tokens: int) -> None:
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                adapter_names=names,
+            )  # fmt: skip
+
+    def measure() -> tuple[float, float]:  # one decode step: (generate(1 + n) - generate(1)) / n, as cases/inference
+        one, full = _clocked(lambda: generate(1), device, 3, 1), _clocked(lambda: generate(1 + n), device, 2, 1)
+        return (full[0] - one[0]) / n, (full[1] - one[1]) / n
+
+    ms = _alternate(model, measure, profile.get("rounds", 3), device)
     model.unload()
     same = torch.equal(tokens[True], tokens[False])
     return (
@@ -148,10 +197,14 @@ def main() -> None:
     command = " ".join(["python benchmarks/bench_patch_peft.py", *sys.argv[1:]])
     print(f"{datetime.date.today()} · commit {_commit()} · `{command}` · torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {_device_name(device)}")  # fmt: skip
-    print("| case | peft ms | patched ms | speed-up | check |\n| --- | --- | --- | --- | --- |")
+    print("| case | peft ms | patched ms | speed-up | peft CPU ms | patched CPU ms | speed-up (CPU time) | check |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in wanted:
-        peft_ms, patched_ms, note = runs[case]()
-        print(f"| {case} | {fmt_ms(peft_ms)} | {fmt_ms(patched_ms)} | {peft_ms / patched_ms:.2f}x | {note} |")
+        peft_ms, patched_ms, peft_cpu, patched_cpu, note = runs[case]()
+        print(
+            f"| {case} | {fmt_ms(peft_ms)} | {fmt_ms(patched_ms)} | {peft_ms / patched_ms:.2f}x | {fmt_ms(peft_cpu)} "
+            f"| {fmt_ms(patched_cpu)} | {peft_cpu / patched_cpu:.2f}x | {note} |"
+        )
 
 
 if __name__ == "__main__":
