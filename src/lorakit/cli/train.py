@@ -395,7 +395,9 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
 
     world = start(args)
     try:
-        with failures_as_one_line(world):
+        with failures_as_one_line(world), warnings.catch_warnings():
+            if not world.is_main:
+                warnings.simplefilter("ignore")  # rank 0 gives the same warnings once
             return _train(args, world, stream if world.is_main else io.StringIO(), on_step)
     finally:
         finish(world)
