@@ -282,3 +282,49 @@ def test_as_output_reshapes_in_place_without_a_view():
     got = as_output(transposed, torch.Size([3, 2]))
     assert not got._is_view()
     torch.testing.assert_close(got, want)
+
+
+ISSUE_MODELS = [("led", False), ("led", True), ("roc_bert", False), ("roc_bert", True), ("falcon", True)]
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, intermediate_size=37, num_attention_heads=4, d_model=32, vocab_size=99,
+    encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+    decoder_ffn_dim=32, attention_window=[4], max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+    pronunciation_vocab_size=20, shape_vocab_size=20, num_kv_heads=4, dropout=0.0, attention_dropout=0.0,
+    activation_dropout=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, hidden_dropout=0.0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_type,dora", ISSUE_MODELS, ids=[f"{t}-{'lora' if not d else 'dora'}" for t, d in ISSUE_MODELS]
+)
+def test_issue_architectures_train_as_peft(model_type, dora):
+    """The architectures the issue saw crash (their code edits projection outputs in place): a training step's
+    gradients equal peft's on the same weights (all-linear, train mode, dropout off)."""
+    import peft
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type)
+    for key, value in TINY.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    ids = torch.randint(3, 99, (2, 8), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, **({"decoder_input_ids": ids} if model_type == "led" else {}))
+    grads: list[dict] = []
+    source: dict = {}
+    for lib in (peft, lorakit):
+        torch.manual_seed(0)
+        config_cls = lib.LoraConfig(target_modules="all-linear", init_lora_weights=False, use_dora=dora)
+        model = lib.get_peft_model(AutoModel.from_config(config), config_cls).train()
+        if grads:  # peft's adapter weights, by their shared names
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(source[name])
+        source = source or dict(model.named_parameters())
+        out = model(**inputs).last_hidden_state
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, want in grads[0].items():
+        err = ((grads[1][name] - want).norm() / want.norm()).item()
+        assert err < 1e-5, (name, err, want.abs().max().item())
