@@ -83,7 +83,9 @@ class LorakitTRLMixin(LorakitTrainerMixin):
     _lorakit_introspect = False  # TRL computes its own losses and chooses its own dataset columns
     _lorakit_trl_aware = True
 
-    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = False, **kwargs: Any) -> None:
+        """``fused_loss``: off by default here, because TRL's trainers score log-probabilities with TRL's own fused
+        LM head (already chunked); True also chunks any other training forward with labels (``lorakit.loss``)."""
         trl_base = next(c for c in type(self).__mro__ if c.__module__.split(".")[0] == "trl")
         bound = inspect.signature(trl_base.__init__).bind(self, *args, **kwargs)
         call = dict(bound.arguments)
