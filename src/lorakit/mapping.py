@@ -63,7 +63,7 @@ def inject_adapter_in_model(
     ``lorakit.model.state_dict_targets``)."""
     from .model.inject import inject_lora, wrap_modules_to_save
     from .model.trainable import mark_trainable
-    from .model.weight_tying import plan_weight_tying, tie_saved_copies
+    from .model.weight_tying import plan_weight_tying, tie_lora_factors, tie_saved_copies
 
     targeting = peft_config
     if state_dict is not None:
@@ -74,5 +74,7 @@ def inject_adapter_in_model(
     inject_lora(model, targeting, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     wrap_modules_to_save(model, list(targeting.modules_to_save or []), adapter_name)
     tie_saved_copies(model, tying, adapter_name)
+    if tying.lora:
+        tie_lora_factors(model, tying, adapter_name, targeting, low_cpu_mem_usage=low_cpu_mem_usage)
     mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
     return model

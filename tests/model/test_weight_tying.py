@@ -104,7 +104,33 @@ def test_no_tied_modules_warns_like_peft():
     assert not isinstance(ours.base_model.model.lm_head, lorakit.model.modules_to_save.ModulesToSaveWrapper)
 
 
-def test_lora_on_a_tied_embedding_with_ensure_is_refused_by_name():
-    config = lorakit.LoraConfig(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True)
-    with pytest.raises(ValueError, match=r"LoRA on the tied embedding 'model.embed_tokens' \(tied to \['lm_head'\]\)"):
-        lorakit.get_peft_model(tied_llama(), config)
+def test_lora_on_a_tied_embedding_ties_the_head_factors_like_peft(tmp_path):
+    (theirs, ours), (their_warnings, our_warnings) = _both(
+        target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True, init_lora_weights=False
+    )
+    assert our_warnings == their_warnings == []
+    assert sorted(lorakit.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))
+    lorakit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=0, atol=1e-5)
+    head, embed = ours.base_model.model.lm_head, ours.base_model.model.model.embed_tokens
+
+    def assert_tied() -> None:
+        torch.testing.assert_close(head.lora_A["default"].weight, embed.lora_embedding_B["default"].T, rtol=0, atol=0)
+        torch.testing.assert_close(head.lora_B["default"].weight, embed.lora_embedding_A["default"].T, rtol=0, atol=0)
+
+    assert_tied()
+    ours.train()
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    before = head.lora_B["default"].weight.detach().clone()
+    ours(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    assert not torch.equal(before, head.lora_B["default"].weight)
+    assert_tied()  # one storage: a step through either layer moves both
+    ours.eval().save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(tied_llama(), tmp_path)
+    back = lorakit.PeftModel.from_pretrained(tied_llama(), tmp_path)
+    with torch.no_grad():
+        expected = ours(input_ids=IDS).logits
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(input_ids=IDS).logits, expected, rtol=0, atol=1e-6)

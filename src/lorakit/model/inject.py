@@ -203,7 +203,7 @@ def wrap_modules_to_save(
             )
         if isinstance(module, TrainableTokensWrapper):
             raise ValueError(f"Module {name!r} has trainable tokens and is in modules_to_save; pick one.")
-        found.add(hit)
+        found.update(m for m in names if re.fullmatch(rf"(.*\.)?{re.escape(m)}", name))  # every entry naming it
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
         else:

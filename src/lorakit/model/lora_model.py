@@ -25,7 +25,7 @@ from .inject import inject_lora, split_parent, wrap_modules_to_save
 from .modules_to_save import ModulesToSaveWrapper
 from .trainable import mark_trainable
 from .walk import adapter_modules
-from .weight_tying import plan_weight_tying, tie_saved_copies
+from .weight_tying import plan_weight_tying, tie_lora_factors, tie_saved_copies
 
 
 @contextlib.contextmanager
@@ -172,6 +172,15 @@ class LoraModel(nn.Module):
                 self.model, list(config.modules_to_save or []), adapter_name, auto_names=auto_modules_to_save
             )
             tie_saved_copies(self.model, tying, adapter_name)
+            if tying.lora:
+                tie_lora_factors(
+                    self.model,
+                    tying,
+                    adapter_name,
+                    config,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                )
             self._apply_trainability()
 
     @contextlib.contextmanager

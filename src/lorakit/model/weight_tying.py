@@ -7,14 +7,17 @@ A module is tied to the input embedding when its ``weight`` is the embedding's w
   whose weight *is* the embedding copy's weight (one Parameter, trained once, saved under both names); the config's
   ``modules_to_save`` gains the embedding's path and loses entries naming the tied modules.
 - ``ensure_weight_tying=True`` and no tied module, or nothing tied in the adapter: a warning (PEFT's text).
+- ``ensure_weight_tying=True`` and LoRA on the embedding: the tied modules get a LoRA layer whose factors are
+  Parameters on the embedding factors' storage, transposed (head A = embedding B^T (r, dim), head B = embedding
+  A^T (vocab, r)), so the head's delta s B_h A_h = s (B_e A_e)^T is the embedding's, both (vocab, dim); the
+  config's ``target_modules`` gains the embedding's path and loses entries naming the tied modules.
+- ``ensure_weight_tying=True`` and no tied module, or nothing tied in the adapter: a warning (PEFT's text).
 - ``ensure_weight_tying=False`` and a tied module in the adapter: PEFT's warning that the tie is not kept.
-
-LoRA on a tied embedding with ``ensure_weight_tying=True`` (PEFT ties the head's LoRA factors to the embedding's
-transposed ones) is refused by name: lorakit cannot share transposed factors between layers yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ class TyingPlan:
 
     embedding: str | None = None
     tied: list[str] = field(default_factory=list)
+    lora: bool = False  # True: LoRA factors are tied (the embedding is a target), else saved copies
 
 
 def _base_weight(module: nn.Module):
@@ -101,12 +105,8 @@ def plan_weight_tying(model: nn.Module, config: LoraConfig) -> TyingPlan:
         config.modules_to_save = _without_tied([*(config.modules_to_save or [])], embedding, tied)
         return TyingPlan(embedding, tied)
     if targeted:
-        raise ValueError(
-            f"ensure_weight_tying=True with LoRA on the tied embedding {embedding!r} (tied to {tied}) is not supported "
-            "by lorakit: it cannot share the embedding's transposed LoRA factors with the head. Train the embedding "
-            "in full (modules_to_save) or with trainable_token_indices, or set ensure_weight_tying=False (the head "
-            "then keeps the base weights)."
-        )
+        config.target_modules = _targets_without_tied(targets, embedding, tied)
+        return TyingPlan(embedding, tied, lora=True)
     warnings.warn(NOTHING_TIED_ADDED, stacklevel=4)
     return TyingPlan()
 
@@ -122,9 +122,41 @@ def _without_tied(modules_to_save: list[str], embedding: str, tied: list[str]) -
     return modules_to_save
 
 
+def _targets_without_tied(targets: list[str] | str, embedding: str, tied: list[str]) -> list[str] | str:
+    """PEFT's rewrite of target_modules: the embedding always targeted, the tied modules left to the tying step."""
+    if isinstance(targets, str):
+        return rf"(?:{targets}|^{re.escape(embedding)}$)"
+    return _without_tied(list(targets), embedding, tied)
+
+
+def tie_lora_factors(model: nn.Module, plan: TyingPlan, adapter_name: str, config: LoraConfig, **inject_kw) -> None:
+    """Give each tied module a LoRA layer for ``adapter_name`` whose factors share the embedding's storage."""
+    from ..layers import LoraLayer
+    from .inject import inject_lora
+
+    source = model.get_submodule(plan.embedding)
+    if not isinstance(source, LoraLayer) or adapter_name not in source.adapters:
+        return
+    record = source.adapters[adapter_name]
+    for path in plan.tied:
+        target = model.get_submodule(path)
+        if not (isinstance(target, LoraLayer) and adapter_name in target.adapters):
+            key = re.escape(path)
+            only = dataclasses.replace(
+                config, target_modules=f"({key})", exclude_modules=None, layers_to_transform=None,
+                layers_pattern=None, rank_pattern={key: record.r}, alpha_pattern={key: record.lora_alpha},
+                modules_to_save=None, trainable_token_indices=None, target_parameters=None, ensure_weight_tying=False,
+            )  # fmt: skip
+            inject_lora(model, only, adapter_name, **inject_kw)
+            target = model.get_submodule(path)
+        emb_a, emb_b = source._factors(adapter_name)  # (r, vocab), (dim, r)
+        target.lora_A[adapter_name].weight = nn.Parameter(emb_b.t())  # (r, dim), the embedding's storage
+        target.lora_B[adapter_name].weight = nn.Parameter(emb_a.t())  # (vocab, r)
+
+
 def tie_saved_copies(model: nn.Module, plan: TyingPlan, adapter_name: str) -> None:
     """Give each tied module a saved copy for ``adapter_name`` whose weight is the embedding copy's Parameter."""
-    if plan.embedding is None:
+    if plan.embedding is None or plan.lora:
         return
     from .inject import wrap_modules_to_save
 
