@@ -68,13 +68,18 @@ def reference_quantised_lora(
     return base(x) + (xd @ lora_a.to(x.dtype).t() @ lora_b.to(x.dtype).t()) * scaling
 
 
+def _columns(t: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor, ...]:
+    """Each member's column block of t (N, R): one split call, none for a group of one (host time per layer)."""
+    return (t,) if len(ranks) == 1 else t.split(ranks, dim=1)
+
+
 def _outputs(
     x2: torch.Tensor, xd: torch.Tensor, bases, a_cat: torch.Tensor, bs, scalings, ranks
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """h = dropout(x) A^T (N, R) and every member's (N, out_i) output: its base product with s_i h_i B_i^T added."""
     h = xd @ a_cat.t()  # (N, in) @ (in, R): one read of x for every member
     outs = []
-    for base, b, scaling, h_i in zip(bases, bs, scalings, h.split(ranks, dim=1)):
+    for base, b, scaling, h_i in zip(bases, bs, scalings, _columns(h, ranks)):
         out = base.product(x2)  # (N, out_i), fresh: the low-rank part is accumulated onto it
         outs.append(out.addmm_(h_i, b.t(), alpha=scaling))  # + s_i (N, r_i) @ (r_i, out_i)
     return h, outs
@@ -89,7 +94,8 @@ class QuantisedLora(torch.autograd.Function):
         x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # (N, in)
         lora_as, lora_bs = factors[0::2], factors[1::2]
         batch = factor_casts.current()
-        a_cat = torch.cat([_in_dtype(a, x.dtype, batch) for a in lora_as])  # (R, in)
+        a_cat = [_in_dtype(a, x.dtype, batch) for a in lora_as]
+        a_cat = a_cat[0] if len(a_cat) == 1 else torch.cat(a_cat)  # (R, in)
         bs = [_in_dtype(b, x.dtype, batch) for b in lora_bs]  # (out_i, r_i)
         ranks = [a.shape[0] for a in lora_as]
         xd, mask = (x2, None) if p == 0.0 else torch.native_dropout(x2, p, True)
@@ -133,15 +139,16 @@ class QuantisedLora(torch.autograd.Function):
         das = [None] * len(dys)
         if need_da:
             xd, scale = (x2, 1.0) if mask is None else (x2 * mask, keep)
-            das = weight_grad(g, xd, torch.float32, scale).split(ctx.ranks)  # (R, N) @ (N, in) -> (R, in)
-        hs = h.split(ctx.ranks, dim=1) if h is not None else [None] * len(dys)  # (N, r_i) views
+            da_all = weight_grad(g, xd, torch.float32, scale)  # (R, N) @ (N, in) -> (R, in)
+            das = (da_all,) if len(dys) == 1 else da_all.split(ctx.ranks)
+        hs = _columns(h, ctx.ranks) if h is not None else [None] * len(dys)  # (N, r_i) views
         grads: list[torch.Tensor | None] = []
         for i, (dy, (a_dtype, b_dtype)) in enumerate(zip(dys, ctx.dtypes)):
             da = das[i] if needs[4 + 2 * i] and dy is not None else None  # an unused output: no gradient
             db = None
             if needs[5 + 2 * i] and dy is not None:
                 db = weight_grad(dy, hs[i], b_dtype, ctx.scalings[i], strided=True)  # (out_i, N) @ (N, r_i)
-            grads += [None if da is None else da.to(a_dtype), db]
+            grads += [da if da is None or da.dtype == a_dtype else da.to(a_dtype), db]
         return dx, None, None, None, *grads
 
 

@@ -9,9 +9,12 @@ bitsandbytes' own backward computes, the weight dequantised per call:
 * 8-bit (``MatMul8bitLt`` / ``MatMul8bitFp`` backward): dX = dY @ (CB * SCB / 127), in x's dtype.
 
 ``base_4bit`` / ``base_8bit`` return None where the node cannot stand in for the module: hooks or a patched forward,
-a trainable base weight or bias, a weight on another device, an 8-bit weight not quantised yet, and for 4-bit on
-CPU a weight that bitsandbytes has repacked (or would repack: eval mode) for inference while x needs a gradient
-(bitsandbytes then multiplies in bfloat16 and gives x none, which the reference path reproduces).
+a trainable bias, an 8-bit weight not quantised yet, and for 4-bit on CPU a weight that bitsandbytes has repacked (or
+would repack: eval mode) for inference while x needs a gradient (bitsandbytes then multiplies in bfloat16 and gives x
+none, which the reference path reproduces). The quantised weight itself gets no gradient from bitsandbytes' backward
+either way, so whether it requires one does not matter; nor is its device checked (bitsandbytes refuses a mismatch on
+both paths). These checks run per layer per call: they read ``_parameters`` directly, since attribute access on
+bitsandbytes' parameter classes goes through ``__torch_function__`` (microseconds each).
 
 Shapes: x (N, in), dY (N, out), dX (N, in), W (out, in).
 """
@@ -35,15 +38,9 @@ def _plain_module(module: nn.Module, cls: type | None) -> bool:
     )
 
 
-def _frozen_on(module: nn.Module, x: torch.Tensor) -> bool:
-    params = module.__dict__["_parameters"]
-    weight, bias = params["weight"], params.get("bias")
-    return (
-        weight is not None
-        and not weight.requires_grad
-        and weight.device == x.device
-        and (bias is None or not bias.requires_grad)
-    )
+def _frozen_bias(module: nn.Module) -> bool:
+    bias = module.__dict__["_parameters"].get("bias")
+    return bias is None or not bias.requires_grad
 
 
 class Bnb4bitBase:
@@ -60,10 +57,13 @@ class Bnb4bitBase:
     def add_input_grad(self, dy: torch.Tensor, dx: torch.Tensor) -> None:
         from bitsandbytes.functional import dequantize_4bit
 
-        weight = self.module.weight
+        weight = self.module.__dict__["_parameters"]["weight"]
         compute = self.module.compute_dtype or dx.dtype
-        w = dequantize_4bit(weight.data, weight.quant_state).to(compute)  # (out, in)
-        dy = dy.to(compute)
+        w = dequantize_4bit(weight.data, weight.quant_state)  # (out, in)
+        if w.dtype != compute:
+            w = w.to(compute)
+        if dy.dtype != compute:
+            dy = dy.to(compute)
         if compute == dx.dtype:
             dx.addmm_(dy, w)  # + (N, out) @ (out, in)
         else:
@@ -84,14 +84,14 @@ class Bnb8bitBase:
     def add_input_grad(self, dy: torch.Tensor, dx: torch.Tensor) -> None:
         state = self.module.state
         w = state.CB.to(dx.dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
-        dx.addmm_(dy.to(dx.dtype), w)  # + (N, out) @ (out, in)
+        dx.addmm_(dy if dy.dtype == dx.dtype else dy.to(dx.dtype), w)  # + (N, out) @ (out, in)
 
 
 def base_4bit(module: nn.Module, cls: type | None, x: torch.Tensor) -> Bnb4bitBase | None:
     """``module`` (a ``cls`` = bitsandbytes' Linear4bit) as the node's base for ``x``, or None (module docstring)."""
-    if not _plain_module(module, cls) or not _frozen_on(module, x):
+    if not _plain_module(module, cls) or not _frozen_bias(module):
         return None
-    state = getattr(module.weight, "quant_state", None)
+    state = getattr(module.__dict__["_parameters"]["weight"], "quant_state", None)
     if state is None:
         return None
     if x.requires_grad and (getattr(state, "packing_format_for_cpu", False) or not module.training):
@@ -101,8 +101,8 @@ def base_4bit(module: nn.Module, cls: type | None, x: torch.Tensor) -> Bnb4bitBa
 
 def base_8bit(module: nn.Module, cls: type | None, x: torch.Tensor) -> Bnb8bitBase | None:
     """``module`` (a ``cls`` = bitsandbytes' Linear8bitLt) as the node's base for ``x``, or None."""
-    if not _plain_module(module, cls) or not _frozen_on(module, x):
+    if not _plain_module(module, cls) or not _frozen_bias(module):
         return None
-    if module.state.has_fp16_weights or module.weight.dtype.is_floating_point:
+    if module.state.has_fp16_weights or module.__dict__["_parameters"]["weight"].dtype.is_floating_point:
         return None
     return Bnb8bitBase(module)
