@@ -38,19 +38,28 @@ def _torchrun_options(args: argparse.Namespace) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _quiet_launcher(debug: bool) -> Iterator[None]:
-    """The ranks say what happened; the elastic agent's own log lines are kept for --debug."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
+    """The ranks say what happened; torchrun's and its elastic agent's log lines are kept for --debug. (Their loggers
+    carry their own levels, so each one is set.)"""
+    names = [
+        n
+        for n in logging.root.manager.loggerDict
+        if n.startswith(("torch.distributed.elastic", "torch.distributed.run"))
+    ]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [logger.level for logger in loggers]
     if not debug:
-        logger.setLevel(logging.CRITICAL)
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def relaunch(args: argparse.Namespace) -> int:
     """Run this command on ``args.nproc`` local processes through torch.distributed.run; their exit code."""
+    from torch.distributed.elastic.agent.server import local_elastic_agent  # noqa: F401  (its loggers, for _quiet)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run as torchrun
