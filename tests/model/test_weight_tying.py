@@ -134,3 +134,7 @@ def test_lora_on_a_tied_embedding_ties_the_head_factors_like_peft(tmp_path):
         expected = ours(input_ids=IDS).logits
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(back(input_ids=IDS).logits, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"share their LoRA factors and base weight .* merging would add the same"):
+        ours.merge_and_unload()  # peft merges the delta twice into the shared weight
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=0, atol=0)  # left as it was

@@ -367,6 +367,13 @@ class LoraModel(nn.Module):
                 layer.check_merge(pending, safe_merge)
                 plan.append((path, layer, pending))
                 continue
+            tied = sorted(set(getattr(layer, "tied_lora_adapters", ())) & set(pending))
+            if tied:
+                raise ValueError(
+                    f"Adapter(s) {tied} on {path!r} share their LoRA factors and base weight with the input embedding "
+                    "(ensure_weight_tying): merging would add the same delta to the shared weight twice (PEFT does). "
+                    "Merging is refused; keep the adapter unmerged or train it with ensure_weight_tying=False."
+                )
             for name in pending:
                 layer._check_mergeable(name)
             if pending and safe_merge:

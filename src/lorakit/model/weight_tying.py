@@ -152,6 +152,7 @@ def tie_lora_factors(model: nn.Module, plan: TyingPlan, adapter_name: str, confi
         emb_a, emb_b = source._factors(adapter_name)  # (r, vocab), (dim, r)
         target.lora_A[adapter_name].weight = nn.Parameter(emb_b.t())  # (r, dim), the embedding's storage
         target.lora_B[adapter_name].weight = nn.Parameter(emb_a.t())  # (vocab, r)
+        target.tied_lora_adapters = {*getattr(target, "tied_lora_adapters", ()), adapter_name}  # merging refuses
 
 
 def tie_saved_copies(model: nn.Module, plan: TyingPlan, adapter_name: str) -> None:
