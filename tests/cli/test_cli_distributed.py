@@ -209,3 +209,39 @@ def test_steps_that_cannot_be_split_evenly_are_refused():
     check_split(3, 2, 40, 2)
     with pytest.raises(CliError, match=r"--batch-size 3 x --grad-accum 1 = 3 sequences per step cannot be split"):
         check_split(3, 1, 40, 2)
+
+
+def _launched_as(monkeypatch, rank: int = 0, size: int = 2) -> None:
+    for name, value in {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": size}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_launch_refusals_before_joining_the_process_group(files, tmp_path, monkeypatch):
+    """Checked before init_process_group, so these end at once (no peer to wait for)."""
+    from lorakit.cli.errors import CliError
+    from lorakit.cli.main import build_parser
+    from lorakit.cli.ranks import start
+
+    def args(*extra):
+        return build_parser().parse_args(_argv(files, tmp_path / "out", *extra))
+
+    with pytest.raises(CliError, match="--fsdp shards the model over several processes: add --nproc N"):
+        start(args("--fsdp"))
+    _launched_as(monkeypatch)
+    with pytest.raises(CliError, match="--nproc 3 inside a torchrun launch of 2 processes per machine"):
+        start(args("--nproc", "3"))
+    with pytest.raises(CliError, match=r"--device 'cuda:1': under torchrun every rank takes its own device"):
+        start(args("--device", "cuda:1"))
+    assert not dist.is_initialized()
+
+
+def test_a_broken_collective_ends_the_rank_with_one_line():
+    from lorakit.cli.ranks import RankFailure, World, failures_as_one_line
+
+    world = World(rank=1, size=2, backend="gloo")
+    lost = r"rank 1/2: lost contact with the other ranks \(.*Connection closed by peer"
+    with pytest.raises(RankFailure, match=lost), failures_as_one_line(world):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23201")
+    with pytest.raises(ZeroDivisionError), failures_as_one_line(world):
+        1 / 0  # noqa: B018  (not a collective: passed on as it is)
+    assert RankFailure.exit_code == 1
