@@ -281,7 +281,7 @@ def prepare(args: argparse.Namespace, world: Any = None) -> Run:
         "settings": dataclasses.asdict(settings),
         "max_length": max_length,
     }
-    world.check_same("data or settings", info)
+    world.check_same("data or settings", info | {"data": info["data"]["sha256"]})  # paths may differ per machine
     if payload is not None:
         _check_resume(args, payload, info)
     pairs = _eval_pairs(eval_examples, args.eval_generate)
