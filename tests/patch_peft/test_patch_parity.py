@@ -116,3 +116,22 @@ def test_gradient_checkpointing(monkeypatch):
     assert_close(out.logits, expected.logits)
     assert_same_grads(patched, reference)
     assert hits.fused >= lora_layer_count(patched)
+
+
+@pytest.mark.parametrize(
+    ("config", "node", "count"),
+    [
+        ({}, "SharedInputLoraBackward", 4),  # q/k/v and gate/up of 2 blocks, from the second call on
+        ({}, "FusedLoraLinearBackward", 4),  # o_proj and down_proj of 2 blocks
+        ({"use_dora": True}, "FusedDoraLinearBackward", 14),  # every DoRA Linear
+    ],
+)
+def test_the_graph_holds_lorakit_nodes(config, node, count):
+    from training_helpers import autograd_node_names
+
+    patched, _ = pair(**config)
+    patched.train()
+    ids = tokens()
+    patched(input_ids=ids, labels=ids).loss.backward()  # the first call learns the shared-input groups
+    names = autograd_node_names(patched(input_ids=ids, labels=ids).loss)
+    assert names.count(node) == count, sorted(set(names))
