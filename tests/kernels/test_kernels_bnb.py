@@ -173,14 +173,27 @@ def test_qlora_model_takes_the_node_and_trains_as_the_reference(llama64_dir, bit
         torch.testing.assert_close(ours(ids).logits, logits, atol=1e-6, rtol=0)
 
 
-def test_dropout_layers_take_the_node_alone(llama64_dir):
-    """With dropout each layer draws its own mask: one node per projection, 7 per decoder layer."""
+def test_dropout_layers_take_the_node_alone_and_train_as_peft(llama64_dir):
+    """With dropout each layer draws its own mask: one node per projection, 7 per decoder layer. On CPU the node's
+    ``native_dropout`` draws the masks peft's ``nn.Dropout`` draws from the same seed, so the step equals peft's."""
     ours = _model(llama64_dir, "4bit", dropout=0.1)
+    ref = _model(llama64_dir, "4bit", peft, dropout=0.1)
+    ref.load_state_dict(lora_state(ours), strict=False)
     ids = token_ids()
     _step(ours, ids)
-    _, grads, nodes = _step(ours, ids)
+    torch.manual_seed(11)
+    loss, grads, nodes = _step(ours, ids)
     assert nodes.count("QuantisedLoraBackward") == 7 * 2
-    assert all(g.abs().sum() > 0 for g in grads.values())
+    torch.manual_seed(11)
+    loss_ref, grads_ref, _ = _step(ref, ids)
+    torch.manual_seed(12)
+    loss_other, _, _ = _step(ours, ids)
+    assert abs(loss_other - loss) > 1e-4  # the masks matter: another seed gives another loss
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=0)
+    assert sorted(grads) == sorted(grads_ref)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_hooked_base_and_eval_mode_input_gradients_fall_back(llama64_dir):

@@ -17,7 +17,8 @@ G = [s_1 dY_1 B_1, ..., s_m dY_m B_m] (N x R):
 Against the reference (base output, then a separate term s * B A x, its scale pass and an add; 4-bit in peft also
 clones the base output) this saves per layer two passes over the output forward, the scale pass and the dX add
 backward, and for a group m - 1 GEMMs for h and for dX's low-rank part. Dropout (p > 0) only for a group of one
-(each layer draws its own mask). The base weights and biases get no gradient (frozen; callers check).
+(each layer draws its own mask); the node then keeps dropout(x) for dA and the bool mask for dX (peft's layers keep
+dropout(x) and a float mask). The base weights and biases get no gradient (frozen; callers check).
 
 Shapes: x (N, in) (or (..., in), flattened here), A_i (r_i, in), B_i (out_i, r_i), mask (N, in) bool.
 """
@@ -106,8 +107,8 @@ class QuantisedLora(torch.autograd.Function):
         ctx.bases, ctx.scalings, ctx.ranks, ctx.p, ctx.shape = bases, scalings, ranks, p, shape
         ctx.dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_as, lora_bs)]
         ctx.save_for_backward(
-            x2 if need_da else None,
-            mask,
+            xd if need_da else None,  # dropout(x) as drawn (x itself without dropout): dA's right factor
+            mask if need_dx else None,  # bool (N, in), for dX only
             a_cat if need_dx else None,
             h if need_db else None,
             *(bs if (need_dx or need_da) else [None] * len(bs)),
@@ -116,7 +117,7 @@ class QuantisedLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outs: torch.Tensor | None):
-        x2, mask, a_cat, h, *bs = ctx.saved_tensors
+        xd, mask, a_cat, h, *bs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_dx, need_da = needs[0], any(needs[4::2])
         keep = 1.0 / (1.0 - ctx.p)  # dropout's rescaling of the kept entries
@@ -138,8 +139,7 @@ class QuantisedLora(torch.autograd.Function):
             dx = dx.view(ctx.shape)
         das = [None] * len(dys)
         if need_da:
-            xd, scale = (x2, 1.0) if mask is None else (x2 * mask, keep)
-            da_all = weight_grad(g, xd, torch.float32, scale)  # (R, N) @ (N, in) -> (R, in)
+            da_all = weight_grad(g, xd, torch.float32)  # (R, N) @ (N, in) -> (R, in)
             das = (da_all,) if len(dys) == 1 else da_all.split(ctx.ranks)
         hs = _columns(h, ctx.ranks) if h is not None else [None] * len(dys)  # (N, r_i) views
         grads: list[torch.Tensor | None] = []
