@@ -192,3 +192,16 @@ def test_layers_with_an_instance_forward_are_named():
     layer.forward = layer.forward  # as accelerate's hooks do: an instance attribute wrapping the old forward
     with pytest.warns(UserWarning, match=r"1 LoRA layers .*layers\.0\.self_attn\.q_proj.*instance-level forward"):
         lorakit.patch_peft(model)
+
+
+def test_an_error_inside_a_call_closes_its_scope():
+    from lorakit.kernels.factor_casts import current
+    from lorakit.patch_peft import scope
+
+    patched, reference = pair()
+    patched.eval(), reference.eval()
+    ids = tokens(batch=4)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        patched(input_ids=ids, adapter_names=["default"])  # raised by a layer, inside the scope
+    assert current() is None and not scope._LOCAL.__dict__.get("open")
+    assert_close(_logits(patched, ids), _logits(reference, ids))
