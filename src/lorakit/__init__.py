@@ -26,9 +26,11 @@ from .config import (
     TaskType,
     get_peft_config,
 )
+from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .init.corda import preprocess_corda
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .init.loftq_replace import replace_lora_weights_loftq
+from .io.base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from .io.functional import get_peft_model_state_dict, set_peft_model_state_dict
 from .io.peft_weights import load_peft_weights
 from .kbit import prepare_model_for_kbit_training
@@ -48,6 +50,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .utils.tensors import cast_mixed_precision_params, shift_tokens_right
 
 __version__ = "0.1.0"
 
@@ -71,7 +74,9 @@ __all__ = [
     "LoraLayer",
     "LoraModel",
     "LoraRuntimeConfig",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -80,12 +85,15 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "cast_mixed_precision_params",
     "create_arrow_model",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
+    "get_base_model_state_dict",
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
@@ -100,6 +108,8 @@ __all__ = [
     "preprocess_corda",
     "register_layer_type",
     "replace_lora_weights_loftq",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
+    "shift_tokens_right",
     "unpatch_peft",
 ]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from ..config import LoraConfig
+from ..errors import NoMatchingPeftModuleError
 from ..layers import LoraLayer, create_lora_layer
 from ..layers.direct_weight_reads import refuse_direct_weight_reads
 from ..targeting import (
@@ -73,7 +74,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not names and config.target_parameters:
         return []  # inject_lora decides, once the parameters are matched too
     if not names:
-        raise ValueError(explain_no_match(config, modules))
+        raise NoMatchingPeftModuleError(explain_no_match(config, modules))
     missing = unmatched_entries(config, (n for n, _ in modules))
     if missing:
         warnings.warn(f"target_modules entries {missing} match no module of the model; they are ignored.", stacklevel=4)
@@ -172,7 +173,7 @@ def _check_something_targeted(model: nn.Module, config: LoraConfig, modules: lis
     if not config.target_parameters:
         return
     if not modules and not params:
-        raise ValueError(
+        raise NoMatchingPeftModuleError(
             f"target_parameters {config.target_parameters} match no parameter of the model"
             + (f" and target_modules {config.target_modules!r} no module" if config.target_modules else "")
             + "; a parameter matches by its full path or a dotted suffix (e.g. 'experts.gate_up_proj')."
