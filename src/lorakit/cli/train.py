@@ -403,49 +403,10 @@ def train(args: argparse.Namespace, stream: Any = None, on_step: Any = None) -> 
         finish(world)
 
 
-def _restore_rng(run: Run) -> None:
-    """The checkpoint's RNG states of this rank; a fresh run gives ranks > 0 their own dropout stream."""
-    import torch
-
-    from .train_state import restore_rng, rng_of_rank
-
-    world = run.world
-    if run.payload is None:
-        if world.rank > 0:
-            torch.manual_seed((run.args.seed + world.rank) % 2**63)
-        return
-    own = rng_of_rank(run.payload, world.rank, world.size)
-    if own is None:
-        saved = len(run.payload["rng_ranks"])
-        if world.is_main and (run.info["lora"].get("lora_dropout") or 0) > 0:
-            warnings.warn(
-                f"--resume: the checkpoint was written by {saved} ranks, this run has {world.size}: the batches "
-                "continue exactly, dropout's random masks do not.",
-                stacklevel=2,
-            )
-        torch.manual_seed((run.args.seed + world.rank + 1000 * run.payload["state"].step) % 2**63)
-        return
-    restore_rng(own)
-
-
-def _save_checkpoint(run: Run, parallel: Any, peft_model: Any, optimizer: Any, state: Any) -> None:
-    """Every rank: gather what is sharded (FSDP2) and every rank's RNG states; rank 0 writes the checkpoint."""
-    from .train_state import rng_state, save_checkpoint
-
-    adapter = parallel.adapter_state(peft_model)
-    optimizer_state = parallel.optimizer_state(optimizer)
-    rngs = run.world.gather(rng_state())
-    run.world.on_main(
-        lambda: save_checkpoint(
-            run.out, peft_model, optimizer_state, state, run.info, rng_ranks=rngs, adapter_state=adapter
-        ),
-        "saving the checkpoint",
-    )
-
-
 def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> TrainOutcome:
     from .evaluation import held_out_loss
     from .progress import NoProgress, make_progress
+    from .rank_checkpoint import restore_rank_rng, save_on_every_rank
     from .ranks import ignore_late_stop_signals
     from .train_state import remove_checkpoint
     from .trainer import stop_on_signals, train_steps
@@ -457,7 +418,7 @@ def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> T
     peft_model, parallel, optimizer, state, batches = _start(run, stream)
     before = _before_metrics(state)
     print(f"before: {before.summary()}", file=stream)
-    _restore_rng(run)
+    restore_rank_rng(run.payload, world, run.args.seed, run.info["lora"].get("lora_dropout") or 0.0)
     total = run.settings.max_steps
     progress = make_progress(args.progress, total, state.step) if world.is_main else NoProgress(total, 0, stream)
     with stop_on_signals(announce=world.is_main) as stop:
@@ -470,7 +431,7 @@ def _train(args: argparse.Namespace, world: Any, stream: Any, on_step: Any) -> T
             device=run.device,
             pad_id=run.tokenizer.pad_token_id,
             progress=progress,
-            save=lambda: _save_checkpoint(run, parallel, peft_model, optimizer, state),
+            save=lambda: save_on_every_rank(run.out, world, parallel, peft_model, optimizer, state, run.info),
             evaluate=(lambda: held_out_loss(peft_model, batches, run.device)) if batches and _evaluates(run) else None,
             on_step=on_step,
             stop=stop,
