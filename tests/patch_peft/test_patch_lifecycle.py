@@ -199,9 +199,14 @@ def test_an_error_inside_a_call_closes_its_scope():
     from lorakit.patch_peft import scope
 
     patched, reference = pair()
-    patched.eval(), reference.eval()
-    ids = tokens(batch=4)
-    with pytest.raises(ValueError, match="Length of `adapter_names`"):
-        patched(input_ids=ids, adapter_names=["default"])  # raised by a layer, inside the scope
+    ids = tokens()
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = patched.base_model.model.model.layers[1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        _logits(patched, ids)  # raised after the first block's LoRA layers ran inside the scope
+    handle.remove()
     assert current() is None and not scope._LOCAL.__dict__.get("open")
     assert_close(_logits(patched, ids), _logits(reference, ids))
