@@ -101,11 +101,13 @@ def test_dropout_in_training_keeps_peft_forward(monkeypatch):
     assert hits.fused == lora_layer_count(patched)
 
 
-def test_gradient_checkpointing(monkeypatch):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(monkeypatch, reentrant):
+    """TRL's SFTConfig turns gradient checkpointing on by default."""
     patched, reference = pair()
     for model in (patched, reference):
         model.train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
     ids = tokens()
     with count_fast_paths(monkeypatch) as hits:
