@@ -18,7 +18,8 @@ Against the reference (base output, then a separate term s * B A x, its scale pa
 clones the base output) this saves per layer two passes over the output forward, the scale pass and the dX add
 backward, and for a group m - 1 GEMMs for h and for dX's low-rank part. Dropout (p > 0) only for a group of one
 (each layer draws its own mask); the node then keeps dropout(x) for dA and the bool mask for dX (peft's layers keep
-dropout(x) and a float mask). The base weights and biases get no gradient (frozen; callers check).
+dropout(x) and a float mask). The base bias gets no gradient (callers check it is frozen), nor does the quantised
+weight (bitsandbytes' own backward gives it none either).
 
 Shapes: x (N, in) (or (..., in), flattened here), A_i (r_i, in), B_i (out_i, r_i), mask (N, in) bool.
 """
