@@ -80,7 +80,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (Frobenius), in float64."""
-    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -137,3 +137,28 @@ def test_the_graph_holds_lorakit_nodes(config, node, count):
     patched(input_ids=ids, labels=ids).loss.backward()  # the first call learns the shared-input groups
     names = autograd_node_names(patched(input_ids=ids, labels=ids).loss)
     assert names.count(node) == count, sorted(set(names))
+
+
+@pytest.mark.parametrize("config", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_bfloat16_base_with_float32_adapters(monkeypatch, config):
+    """A bfloat16 model (peft keeps float32 adapter weights): the fused nodes compute the adapter term in bfloat16
+    where peft upcasts to float32, so the two agree to bfloat16 rounding; gradients stay float32."""
+    patched, reference = pair(**config)
+    for model in (patched, reference):
+        model.base_model.model.to(torch.bfloat16)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+        model.train()
+    ids = tokens()
+    with count_fast_paths(monkeypatch) as hits:
+        out = patched(input_ids=ids, labels=ids)
+        out.loss.backward()
+    expected = reference(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    assert hits.fused == lora_layer_count(patched)
+    assert relative_error(out.logits.float(), expected.logits.float()) < 2e-2
+    ours = {n: p.grad for n, p in patched.named_parameters() if p.grad is not None}
+    theirs = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert ours.keys() == theirs.keys() and all(g.dtype == torch.float32 for g in ours.values())
+    assert max(relative_error(ours[n], theirs[n]) for n in theirs) < 5e-2
