@@ -55,14 +55,20 @@ def test_guide_snippets_run_in_order(tmp_path, monkeypatch):
     assert len(blocks) >= 20, f"expected the guide's snippets, found {len(blocks)}"
     skipped = [reason for _, _, reason in blocks if reason and "not installed" not in reason]
     assert len(skipped) <= 2, f"keep skips few: {skipped}"
-    namespace: dict = {"__name__": "guide"}
+    run_blocks(blocks, "docs/guide.md")
+
+
+def run_blocks(blocks: list[tuple[int, str, str | None]], filename: str) -> dict:
+    """Run the blocks that are not skipped, in order, in one namespace (returned)."""
+    namespace: dict = {"__name__": "doc"}
     for line, code, reason in blocks:
         if reason:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # padded with newlines so that tracebacks give the guide's own line numbers
-            exec(compile("\n" * (line - 1) + code, "docs/guide.md", "exec"), namespace)
+            # padded with newlines so that tracebacks give the document's own line numbers
+            exec(compile("\n" * (line - 1) + code, filename, "exec"), namespace)
+    return namespace
 
 
 def test_trainer_integration_snippets_run_in_order(tmp_path, monkeypatch):
@@ -75,12 +81,6 @@ def test_trainer_integration_snippets_run_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     blocks = guide_blocks((DOCS / "transformers-integration.md").read_text())
     assert len(blocks) >= 3
-    namespace: dict = {"__name__": "integration_doc"}
-    for line, code, reason in blocks:
-        if reason:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exec(compile("\n" * (line - 1) + code, "docs/transformers-integration.md", "exec"), namespace)
+    run_blocks(blocks, "docs/transformers-integration.md")
     assert (tmp_path / "sft-adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "sft-adapter" / "model.safetensors").exists()

@@ -102,13 +102,17 @@ def test_reference_mode_gives_base_outputs_and_restores_the_adapter():
 
 def test_sft_from_model_id_checkpoints_adapter_only_resumes_and_loads_in_peft(tmp_path):
     out = tmp_path / "run"
-    trainer = SFTTrainer(
-        model=DEMO_MODEL,
-        args=trl.SFTConfig(**common_args(out, max_steps=4, save_strategy="steps", save_steps=2), max_length=48),
-        train_dataset=sft_dataset(),
-        processing_class=tokenizer(),
-        peft_config=lorakit_config(),
-    )
+
+    def from_model_id():
+        return SFTTrainer(
+            model=DEMO_MODEL,
+            args=trl.SFTConfig(**common_args(out, max_steps=4, save_strategy="steps", save_steps=2), max_length=48),
+            train_dataset=sft_dataset(),
+            processing_class=tokenizer(),
+            peft_config=lorakit_config(),
+        )
+
+    trainer = from_model_id()
     trainer.train()
     full = losses(trainer)
     ckpt = out / "checkpoint-2"
@@ -116,13 +120,7 @@ def test_sft_from_model_id_checkpoints_adapter_only_resumes_and_loads_in_peft(tm
     assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= names
     assert not names & FULL_MODEL_FILES
 
-    resumed = SFTTrainer(
-        model=DEMO_MODEL,
-        args=trl.SFTConfig(**common_args(out, max_steps=4, save_strategy="steps", save_steps=2), max_length=48),
-        train_dataset=sft_dataset(),
-        processing_class=tokenizer(),
-        peft_config=lorakit_config(),
-    )
+    resumed = from_model_id()
     resumed.train(resume_from_checkpoint=str(ckpt))
     torch.testing.assert_close(torch.tensor(losses(resumed)[-2:]), torch.tensor(full[-2:]), rtol=1e-5, atol=1e-6)
 
