@@ -76,3 +76,25 @@ def test_other_architectures_are_untouched():
     model.config.model_type = "not_a_mamba"
     wrapped = lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["out_proj"]))
     assert any(n.endswith("out_proj.lora_A") for n, _ in wrapped.named_modules())
+
+
+def test_wavlm_attention_projections_are_refused_and_peft_would_skip_them():
+    """WavLM hands its attention weights to F.multi_head_attention_forward: peft's adapter there changes nothing."""
+    from transformers import WavLMConfig, WavLMModel
+
+    shape = dict(conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2)
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **shape)
+    config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups = 4, 2
+    torch.manual_seed(0)
+    base = WavLMModel(config).eval()
+    audio = torch.randn(1, 400)
+    with torch.no_grad():
+        before = base(audio).last_hidden_state
+    theirs = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(audio).last_hidden_state, before)  # the adapter is a silent no-op
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"of this wavlm model: .*F\.multi_head_attention_forward"):
+        lorakit.get_peft_model(WavLMModel(config), lorakit.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert set(DIRECT_WEIGHT_READS["wavlm"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert set(DIRECT_WEIGHT_READS["jamba"]) == {"dt_proj"}

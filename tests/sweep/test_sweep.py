@@ -90,16 +90,14 @@ _PHIMOE_ROUTER = (
     "(layers/linear.py should refuse a base layer whose output is not a tensor, naming it, or all-linear skip it)."
 )
 _WAVLM_MHA = (
-    "lorakit bug (as peft): WavLM's attention hands q_proj/k_proj/v_proj/out_proj weights to "
-    "F.multi_head_attention_forward (modeling_wavlm.py), never calling the modules, so their unmerged LoRA is a "
-    "silent no-op while merging applies it; all-linear wraps them in both libraries. Reported (a "
-    "layers/direct_weight_reads.py entry for wavlm would refuse them)."
+    "deliberate difference (docs/features.md, modules read by weight): WavLM's attention hands q_proj/k_proj/"
+    "v_proj/out_proj weights to F.multi_head_attention_forward (modeling_wavlm.py), never calling the modules, so "
+    "an unmerged LoRA there is a silent no-op (peft wraps them); lorakit refuses them, naming the reason."
 )
 _DT_PROJ = (
-    "lorakit bug (as peft): jamba's mamba mixer reads dt_proj.weight directly (modeling_jamba.py: "
-    "`self.dt_proj.weight @ time_step`) unless the model is quantised, so an unmerged LoRA on dt_proj is a silent "
-    "no-op while merging applies it; all-linear wraps dt_proj in both libraries. Same root cause as issue 15 "
-    "item 4 (mamba out_proj); reported."
+    "deliberate difference (docs/features.md, modules read by weight): jamba's mamba mixer reads dt_proj.weight "
+    "directly (`self.dt_proj.weight @ time_step`) unless the model is quantised, so an unmerged LoRA on dt_proj is "
+    "a silent no-op (peft wraps it); lorakit refuses it, naming the reason."
 )
 
 KNOWN: dict[tuple[str, str, str], Known] = {
@@ -129,10 +127,10 @@ KNOWN: dict[tuple[str, str, str], Known] = {
         for check in ("forward", "files", "merge")
     },
     ("phimoe", "lora", "generate"): Known("lorakit", _PHIMOE_ROUTER),
-    **{("wavlm", c, "merge"): Known("lorakit", _WAVLM_MHA) for c in ("lora", "dora")},
+    **{("wavlm", c, "wrapped"): Known("difference", _WAVLM_MHA, "lorakit_refuses") for c in ("lora", "dora")},
     **{(t, "*", "*"): Known("workaround", _CTC_EMBEDDINGS) for t in ("wav2vec2", "hubert")},
     ("whisper", "*", "*"): Known("workaround", _WHISPER_TASK),
-    **{("jamba", c, "merge"): Known("lorakit", _DT_PROJ) for c in ("lora", "dora")},
+    **{("jamba", c, "wrapped"): Known("difference", _DT_PROJ, "lorakit_refuses") for c in ("lora", "dora")},
 }
 
 

@@ -31,6 +31,14 @@ _PEFT_OUT = (
 )
 
 _MAMBA2_FAMILY = {"out_proj": _MAMBA2_SCAN, "conv1d": _CONV}
+_WAVLM_MHA = (
+    "WavLM's attention hands {name}.weight to F.multi_head_attention_forward on every device, so the module is never "
+    "called (merging would apply the adapter, the forward never does)"
+)
+_JAMBA_DT = (
+    "jamba's mixer multiplies by dt_proj.weight itself (it calls the module only for quantised models), so the "
+    "module is never called"
+)
 
 DIRECT_WEIGHT_READS: dict[str, dict[str, str]] = {
     "mamba": {
@@ -46,6 +54,8 @@ DIRECT_WEIGHT_READS: dict[str, dict[str, str]] = {
     "bamba": _MAMBA2_FAMILY,
     "zamba2": _MAMBA2_FAMILY,
     "granitemoehybrid": _MAMBA2_FAMILY,
+    "wavlm": {name: _WAVLM_MHA.format(name=name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")},
+    "jamba": {"dt_proj": _JAMBA_DT},
 }
 """config.model_type -> {module name (the last part of its path): why LoRA there would be skipped}."""
 
