@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay each step's forward + backward as a CUDA graph (no host overhead per layer; CUDA only; "
         "every batch padded to the longest training sequence)",
     )
+    tr.add_argument(
+        "--no-fused-loss",
+        dest="fused_loss",
+        action="store_false",
+        help="compute the training loss from the full logits (default: in chunks, lorakit.loss; same numbers, "
+        "the (B, T, vocab) logits never built)",
+    )
     ranks = parser.add_argument_group("several processes (DDP by default; see docs/distributed.md)")
     ranks.add_argument(
         "--nproc",
@@ -213,6 +220,7 @@ def _settings(args: argparse.Namespace, n_rows: int) -> Any:
         save_every=args.save_every,
         eval_every=args.eval_every,
         cuda_graph=args.cuda_graph,
+        fused_loss=getattr(args, "fused_loss", True),
     )
 
 
@@ -332,6 +340,8 @@ def _start(run: Run, stream: Any) -> tuple[Any, Any, Any, Any, list]:
     calibration = [collate(run.train_rows[i : i + 8], pad) for i in range(0, min(64, len(run.train_rows)), 8)]
     calibration = [{k: v.to(run.device) for k, v in b.items()} for b in calibration]
     peft_model = build_peft_model(run.model, config, calibration)
+    if run.settings.fused_loss:
+        peft_model.enable_fused_loss()  # training forwards only; evaluation (eval mode) still gets logits
     if changes_base(config) and run.payload is None:
         run.world.on_main(lambda: peft_model.save_pretrained(run.out / INITIAL_DIR), "saving the initial adapter")
     _header(run, peft_model, stream)  # before sharding: FSDP2 leaves each rank a part of every tensor

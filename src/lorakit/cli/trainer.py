@@ -37,6 +37,7 @@ class TrainSettings:
     save_every: int = 0
     eval_every: int = 0
     cuda_graph: bool = False  # forward + backward replayed as a CUDA graph; batches padded to the longest row
+    fused_loss: bool = True  # PeftModel.enable_fused_loss(): the loss in chunks, no full logits (lorakit.loss)
 
 
 def learning_rate(step: int, s: TrainSettings) -> float:
