@@ -34,9 +34,12 @@ def get_peft_model(
             "different config, make sure to call `.unload()` before.",
             stacklevel=2,
         )
+    from .model.peft_warnings import warn_get_peft_model_settings
+
     model_config = getattr(model, "config", None)
-    if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
+    new_name = getattr(model, "name_or_path", None) or getattr(model_config, "name_or_path", None) or None
+    warn_get_peft_model_settings(peft_config, new_name, revision, low_cpu_mem_usage)
+    peft_config.base_model_name_or_path = new_name  # as PEFT: the model's own name wins (with a warning above)
     if revision is not None:
         peft_config.revision = revision
     cls = peft_model_class(peft_config)

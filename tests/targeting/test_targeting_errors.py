@@ -75,9 +75,9 @@ def test_partly_unmatched_target_list_warns():
 
 
 def test_pattern_key_matching_no_targeted_layer_warns():
-    with pytest.warns(UserWarning, match=r"rank_pattern keys \['k_proj'\] match none of the targeted layers"):
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys \['k_proj'\] match none of the targeted layers"):
         _inject("llama", target_modules=["q_proj"], rank_pattern={"q_proj": 2, "k_proj": 4})
-    with pytest.warns(UserWarning, match=r"alpha_pattern keys \['lin9'\]"):
+    with pytest.warns(RuntimeWarning, match=r"alpha_pattern keys \['lin9'\]"):
         _inject("mlp", target_modules=["lin0"], alpha_pattern={"lin9": 4})
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -24,6 +24,7 @@ from .binding import check_belongs, saved_config
 from .hub import resolve_file
 from .model_card import model_card_text
 from .ownership import check_ownership
+from .shape_check import warn_malformed_lora
 from .state_dict import AdapterKeys, adapter_state_dict, to_memory_keys
 from .transaction import reading, write_transaction
 from .weights_file import BIN_NAME, SAFETENSORS_NAME, WEIGHTS_NAMES, check_values, read_weights, write_weights
@@ -91,6 +92,7 @@ def save_adapters(
         tensors = (state_dicts or {}).get(name)
         if tensors is None:
             tensors = adapter_state_dict(model, name, model.peft_config[name], save_embedding_layers, state_dict)
+        warn_malformed_lora(tensors, name)
         if not tensors:
             raise ValueError(
                 f"Adapter {name!r} has no tensors in the model: its layers were merged and unloaded "

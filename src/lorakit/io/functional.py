@@ -36,7 +36,11 @@ def get_peft_model_state_dict(
 
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    return adapter_state_dict(model, adapter_name, _config(model, adapter_name), save_embedding_layers, state_dict)
+    from .shape_check import warn_malformed_lora
+
+    tensors = adapter_state_dict(model, adapter_name, _config(model, adapter_name), save_embedding_layers, state_dict)
+    warn_malformed_lora(tensors, adapter_name)
+    return tensors
 
 
 def set_peft_model_state_dict(

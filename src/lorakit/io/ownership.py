@@ -25,7 +25,7 @@ def _config(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 def saved_base_keys(model: nn.Module, adapter_name: str, keys: AdapterKeys) -> set[str]:
     """In-memory keys of the base tensors that saving ``adapter_name`` writes (biases, embedding weights)."""
-    saved = adapter_state_dict(model, adapter_name, _config(model, adapter_name))
+    saved = adapter_state_dict(model, adapter_name, _config(model, adapter_name), quiet=True)
     return {k for k in saved if not keys.is_adapter_key(k)}
 
 

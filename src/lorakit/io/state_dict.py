@@ -10,6 +10,7 @@ ModulesToSaveWrapper's copies), never by a ``lora_`` name fragment: a base modul
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,8 +107,11 @@ def adapter_state_dict(
     config: LoraConfig,
     save_embedding_layers: bool | str = "auto",
     state_dict: dict[str, torch.Tensor] | None = None,
+    quiet: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The tensors PEFT would save for ``adapter_name``, keyed as on disk (``base_model.model.`` prefix).
+
+    ``quiet``: no warnings about what ``save_embedding_layers="auto"`` decided (for callers that only read keys).
 
     ``state_dict`` replaces ``peft_model.state_dict()`` as the source of values (e.g. one gathered from FSDP shards);
     its keys must be the model's own."""
@@ -127,7 +131,7 @@ def adapter_state_dict(
             continue
         if _bias_saved(peft_model, key, config):
             out[key] = tensor
-    out.update(_embedding_tensors(peft_model, full, keys, config, save_embedding_layers))
+    out.update(_embedding_tensors(peft_model, full, keys, config, save_embedding_layers, quiet))
     return out
 
 
@@ -180,12 +184,15 @@ def _embedding_layers(model: nn.Module) -> tuple[nn.Module | None, nn.Module | N
 
 
 def _embedding_tensors(
-    peft_model: nn.Module, full: dict, keys: AdapterKeys, config: LoraConfig, mode: bool | str
+    peft_model: nn.Module, full: dict, keys: AdapterKeys, config: LoraConfig, mode: bool | str, quiet: bool = False
 ) -> dict[str, torch.Tensor]:
     targeted = embedding_targeted(peft_model, config)
     if mode == "auto":
-        uses_tokens = config.trainable_token_indices is not None
-        mode = (targeted and not uses_tokens) or _vocab_resized(peft_model, config)
+        mode = _auto_save_embeddings(peft_model, config, targeted, quiet)
+    if mode and not quiet and not hasattr(peft_model, "get_input_embeddings"):
+        warnings.warn(
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.", stacklevel=2
+        )
     if not mode or not hasattr(peft_model, "get_input_embeddings"):
         return {}
     out: dict[str, torch.Tensor] = {}
@@ -199,6 +206,25 @@ def _embedding_tensors(
             if key.startswith(prefix) and not keys.is_adapter_key(key):
                 out[key] = tensor
     return out
+
+
+def _auto_save_embeddings(peft_model: nn.Module, config: LoraConfig, targeted: bool, quiet: bool) -> bool:
+    """save_embedding_layers="auto": True for targeted embeddings (without trainable tokens) or a resized vocabulary,
+    with PEFT's warnings."""
+    if targeted and config.trainable_token_indices is None:
+        if not quiet:
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=2
+            )
+        return True
+    if _vocab_resized(peft_model, config):
+        if not quiet:
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+                stacklevel=2,
+            )
+        return True
+    return False
 
 
 def to_memory_keys(

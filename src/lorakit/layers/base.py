@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..caches import state_without_caches
 from ..delta import delta_matrix
+from ..errors import PeftWarning
 from ..init import InitRequest, frozen_factors, run_init
 from ..routing import current_routing
 from .record import AdapterRecord
@@ -198,6 +199,7 @@ class LoraLayer(nn.Module):
                 f"`lora_bias=True` was passed but the targeted layer {module_name or ''!r} of type "
                 f"{type(self.get_base_layer()).__name__} has no bias. This means that merging LoRA weights won't be "
                 "possible.",
+                PeftWarning,
                 stacklevel=4,
             )
         if adapter_name in self.adapters:  # replacing: nothing of the old adapter (e.g. a DoRA magnitude) may remain

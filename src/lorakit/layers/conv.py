@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -25,6 +27,12 @@ class Conv(LoraLayer):
 
     def _check_supported(self, adapter_name, record, config, module_name) -> None:
         groups = self.get_base_layer().groups
+        if groups > 1:  # PEFT's warning; merging such an adapter raises here
+            warnings.warn(
+                f"LoRA adapter added to ConvNd layer with groups > 1 ({module_name!r}, groups={groups}). Merging is "
+                "not supported.",
+                stacklevel=5,
+            )
         if record.r % groups:
             raise ValueError(
                 f"Conv layer {module_name!r} has groups={groups}; its LoRA rank must be divisible by it, "

@@ -179,10 +179,16 @@ def _check_something_targeted(model: nn.Module, config: LoraConfig, modules: lis
             + "; a parameter matches by its full path or a dotted suffix (e.g. 'experts.gate_up_proj')."
         )
     if config.target_modules and not modules:
-        warnings.warn(f"target_modules={config.target_modules!r} were set but no module was matched.", stacklevel=4)
+        warnings.warn(
+            f"target_modules={config.target_modules!r} were set but no module was matched.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if not params:
         warnings.warn(
-            f"target_parameters={config.target_parameters} were set but no parameter was matched.", stacklevel=4
+            f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+            RuntimeWarning,
+            stacklevel=4,
         )
 
 

@@ -19,6 +19,7 @@ from ..kernels.factor_casts import model_call
 from ..layers import LoraLayer
 from ..layers.base import finite_as_stored
 from ..tokens import TrainableTokensWrapper
+from . import peft_warnings
 from .adapter_names import check_adapter_name
 from .base_rewrite import check_base_rewrite_allowed
 from .inject import inject_lora, split_parent, wrap_modules_to_save
@@ -154,6 +155,7 @@ class LoraModel(nn.Module):
     ) -> None:
         """Add adapter ``adapter_name`` (not activated unless it is the first one)."""
         check_adapter_name(adapter_name, list(self.peft_config))
+        peft_warnings.warn_adapter_name_in_prefix(adapter_name)
         check_base_rewrite_allowed(config, adapter_name, list(self.peft_config), runs_init=not low_cpu_mem_usage)
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter may set bias != 'none'; an existing adapter already trains biases.")
@@ -313,6 +315,7 @@ class LoraModel(nn.Module):
         remaining = [n for n in self._active if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
+        peft_warnings.warn_active_adapter_deleted(adapter_name, adapter_name in self._active, remaining)
         self._active = remaining
         self._apply_trainability()
 
@@ -390,15 +393,22 @@ class LoraModel(nn.Module):
         if not any(pending for _, _, pending in plan):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
+        peft_warnings.warn_tied_targets_on_merge(self.model, self.targeted_module_names)
+        peft_warnings.warn_merging_more(
+            (n for _, layer, pending in plan if pending for n in layer.merged_adapters),
+            (n for _, layer, pending in plan if layer.merged for n in pending),
+        )
         for _, layer, pending in plan:
             if pending:
                 layer.merge(adapter_names=pending)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge (last merged first); the base weights come back up to float rounding."""
-        for _, layer in self._mergeables():
-            if layer.merged:
-                layer.unmerge()
+        merged = [layer for _, layer in self._mergeables() if layer.merged]
+        if not merged:
+            peft_warnings.warn_nothing_merged()
+        for layer in merged:
+            layer.unmerge()
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -407,6 +417,7 @@ class LoraModel(nn.Module):
         modules_to_save are replaced by the first merged adapter's copy."""
         names = self._validate_names(adapter_names)
         plan = self._plan_merge(names, safe_merge)
+        peft_warnings.warn_tied_targets_on_merge(self.model, self.targeted_module_names)
         return self._unload(plan, names, progressbar, "Unloading and merging model")
 
     def unload(self) -> nn.Module:

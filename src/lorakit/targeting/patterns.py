@@ -25,7 +25,7 @@ def rank_and_alpha(config: LoraConfig, key: str) -> tuple[int, float]:
 
 
 def warn_unused_patterns(config: LoraConfig, targeted: list[str]) -> None:
-    """Warn about pattern keys that match none of the targeted layers (PEFT ignores them silently)."""
+    """Warn about pattern keys that match none of the targeted layers (RuntimeWarning, as PEFT)."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         pattern = getattr(config, field_name)
         unused = [p for p in pattern if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted)]
@@ -33,5 +33,6 @@ def warn_unused_patterns(config: LoraConfig, targeted: list[str]) -> None:
             warnings.warn(
                 f"{field_name} keys {unused} match none of the targeted layers; targeted layers include "
                 f"{', '.join(sorted(targeted)[:8])}{' ...' if len(targeted) > 8 else ''}.",
+                RuntimeWarning,
                 stacklevel=4,
             )
