@@ -167,7 +167,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/model.py:1081",
         'converting an adapter named "pissa*" on a quantised base',
         "UserWarning",
-        "n/a: lorakit refuses converting on a quantised base",
+        "not done: lorakit is silent",
     ),
     (
         "path_initial_non_pissa",
@@ -216,7 +216,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/eva.py:221, 237, 322, 549",
         "EVA data collection edge cases",
         "UserWarning",
-        "not done (lorakit's EVA raises on unmovable inputs; the rest are silent)",
+        "not done: lorakit is silent in these cases",
     ),
     (
         "bnb_merge_rounding",
@@ -328,7 +328,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "tuners_utils.py:1932",
         "non-scalar embed_scale",
         "PeftWarning",
-        "not done",
+        "not done: lorakit applies a non-scalar embed_scale (broadcast over the output) instead of dropping it",
     ),
     (
         "delete_active",
@@ -405,7 +405,8 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "utils/other.py:1508, save_and_load.py:313",
         "the Hub lookup of the base config fails",
         "UserWarning",
-        "n/a: lorakit compares the vocabulary with the local base config only",
+        "n/a: lorakit reads the base config from local files and the cache only (no Hub request that could fail); "
+        "a base config it cannot find counts as not resized, silently",
     ),
     (
         "tokens_tying_untied",
