@@ -202,7 +202,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/variants.py:802",
         "aLoRA generate without input_ids",
         "UserWarning",
-        "not done",
+        "warns",
     ),
     (
         "monteclora_nan",
@@ -391,7 +391,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "peft_model.py:1401, 1408, 1415",
         "load_adapter next to a PiSSA/CorDA/OLoRA adapter",
         "UserWarning",
-        "not done",
+        "warns",
     ),
     (
         "gc_kwargs_old_transformers",
@@ -591,6 +591,19 @@ def _alora(lib, embeds_only):
         model(input_ids=torch.tensor([[1, 5, 6, 2]]))
 
 
+def _alora_generate(lib, embeds_only):
+    config = _cfg(lib, task_type="CAUSAL_LM", target_modules=["q_proj"], alora_invocation_tokens=[5, 6])
+    model = lib.get_peft_model(tiny_llama(), config)
+    inputs = {"inputs_embeds": torch.randn(1, 4, 32)} if embeds_only else {"input_ids": torch.tensor([[1, 5, 6, 2]])}
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def _load_next_to(lib, tmp, init):
+    lib.get_peft_model(MLP(), _cfg(lib, target_modules=["lin0"])).save_pretrained(tmp)
+    model = lib.get_peft_model(MLP(), _cfg(lib, target_modules=["lin0"], init_lora_weights=init))
+    model.load_adapter(tmp, adapter_name="other")
+
+
 def _merge(lib, again):
     model = _two_adapters(lib)
     model.base_model.merge_adapter(["default"])
@@ -719,6 +732,18 @@ CASES: dict[str, Case] = {
         (True,),
     ),
     "alora_inputs_embeds": Case(_alora, _UW, "only inputs_embeds", "only inputs_embeds", (True,), (False,)),
+    "alora_generate_no_ids": Case(
+        _alora_generate, _UW, "during generate as input_ids are not available", "only inputs_embeds", (True,), (False,)
+    ),
+    "pissa_with_others": Case(
+        _load_next_to,
+        _UW,
+        "PiSSA changes the base weights",
+        "PiSSA changes the base weights",
+        ("pissa",),
+        (True,),
+        tmp=True,
+    ),
     "bias_disable": Case(
         lambda lib, bias: lib.get_peft_model(
             MLP(), _cfg(lib, target_modules=["lin0"], bias=bias)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..model.lora_model import restore_on_error
+from ..model.peft_warnings import warn_base_changing_with_others
 from .checkpoint import HUB_KWARGS, LoadResult, load_adapter_weights, read_adapter
 from .dispatch import check_dispatch, pop_dispatch_kwargs
 
@@ -112,6 +113,7 @@ def load_adapter_into(
         model_id, lambda: _read_config(model_id, given, hub), given is not None, torch_device or "cpu", hub
     )
     _apply_runtime(config, is_trainable, ephemeral_gpu_offload)
+    warn_base_changing_with_others([config, *peft_model.peft_config.values()])
     was_training = peft_model.training
     with peft_model.base_model.adding(adapter_name):  # all or nothing
         peft_model.add_adapter(

@@ -87,3 +87,21 @@ def warn_get_peft_model_settings(config, new_name: str | None, revision: str | N
             "improve the maximum batch size possible for eva initialization.",
             stacklevel=3,
         )
+
+
+_BASE_CHANGING = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA"}  # PEFT's order of precedence
+
+
+def warn_base_changing_with_others(configs: list) -> None:
+    """load_adapter where the new or an existing adapter changed the base weights (PiSSA/CorDA/OLoRA)."""
+    if len(configs) < 2:
+        return
+    inits = {getattr(config, "init_lora_weights", None) for config in configs}
+    name = next((label for init, label in _BASE_CHANGING.items() if init in inits), None)
+    if name is not None:
+        warnings.warn(
+            f"{name} changes the base weights of the model and should thus not be used with other adapters. "
+            f"Consider converting the {name} adapter into a normal LoRA adapter (save_pretrained with "
+            "path_initial_model_for_weight_conversion).",
+            stacklevel=4,
+        )
