@@ -223,7 +223,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/bnb.py:99, 149, 377, 426",
         "merge/unmerge into 8-bit/4-bit weights",
         "UserWarning",
-        "not done",
+        "warns",
     ),
     (
         "unsupported_layer",
@@ -914,7 +914,7 @@ def test_table_and_cases_agree():
     ids = [row[0] for row in TABLE]
     assert len(ids) == len(set(ids)) >= 60
     warns = {name for name, status in STATUS.items() if status.startswith("warns")}
-    assert warns == set(CASES) | {"missing_keys_on_load", "path_initial_non_pissa"}
+    assert warns == set(CASES) | {"missing_keys_on_load", "path_initial_non_pissa", "bnb_merge_rounding"}
     assert all(re.match(r"(warns|tested elsewhere: |n/a: |not done)", s) for s in STATUS.values()), STATUS
 
 
@@ -949,3 +949,20 @@ def test_path_initial_conversion_warns_where_peft_cannot(tmp_path):
         seen = _record(partial(model.save_pretrained, out, **kwargs))
         hits = [w for w in seen if re.search("path_initial_model_for_weight_conversion", str(w.message))]
         assert bool(hits) is (lib is lorakit), [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_merging_into_quantised_layers_warns_about_rounding(bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bnb_helpers import load_quantised, tiny_llama64
+
+    tiny_llama64().save_pretrained(tmp_path)
+    width = bits[0]
+    for lib, merge_text, unmerge_text in (
+        (peft, f"Merge lora module to {width}-bit linear", f"Unmerge lora module to {width}-bit linear"),
+        (lorakit, f"Merging LoRA into a {width}-bit layer", f"Unmerging LoRA from a {width}-bit layer"),
+    ):
+        model = lib.get_peft_model(load_quantised(tmp_path, bits), _cfg(lib, target_modules=["q_proj"]))
+        assert not _hits(_record(model.unmerge_adapter), unmerge_text, "UserWarning")  # nothing merged
+        assert _hits(_record(model.merge_adapter), merge_text, "UserWarning"), lib.__name__
+        assert _hits(_record(model.unmerge_adapter), unmerge_text, "UserWarning"), lib.__name__

@@ -109,6 +109,15 @@ class _QuantisedLinear(Linear):
         )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
+    def unmerge(self) -> None:
+        """Dequantise, subtract the delta, re-quantise: the weight comes back up to two quantisations' rounding."""
+        if self.merged:
+            warnings.warn(
+                f"Unmerging LoRA from a {self.quantisation} layer re-quantises its weight; outputs change by rounding.",
+                stacklevel=2,
+            )
+        super().unmerge()
+
 
 class Linear4bit(_QuantisedLinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit``: y = base_4bit(x) + s * B A dropout(x), A: (r, in), B: (out, r)."""
