@@ -21,11 +21,12 @@ from typing import Any
 
 from .data import IGNORE_INDEX, Encoded, batch_indices, collate
 from .errors import CliError
+from .packing import pack as pack_rows
 
 
 @dataclass
 class Shard:
-    batch: dict[str, Any]  # input_ids, attention_mask, labels: (b, T)
+    batch: dict[str, Any]  # input_ids, attention_mask, labels: (b, T); packed: input_ids, position_ids, labels (1, N)
     weight: float  # the batch's mean loss is multiplied by this before backward
 
 
@@ -70,8 +71,10 @@ def step_shards(
     rank: int = 0,
     world_size: int = 1,
     width: int | None = None,
+    pack: bool = False,
 ) -> list[Shard]:
-    """The shards rank ``rank`` of ``world_size`` trains on in optimiser step ``step`` (0-based), in order."""
+    """The shards rank ``rank`` of ``world_size`` trains on in optimiser step ``step`` (0-based), in order; each
+    shard's rows padded to one width (``data.collate``) or, with ``pack``, in one padding-free row (``packing``)."""
     micro = [batch_indices(len(rows), step * grad_accum + m, batch_size, seed) for m in range(grad_accum)]
     if grad_accum % world_size == 0:
         per_rank = grad_accum // world_size
@@ -83,5 +86,6 @@ def step_shards(
         n_mine = sum(_trained_tokens(rows[i]) for i in mine)
         n_whole = sum(_trained_tokens(rows[i]) for i in whole)
         weight = n_mine * world_size / (max(n_whole, 1) * grad_accum)
-        shards.append(Shard(collate([rows[i] for i in mine], pad_id, width), weight))
+        chosen = [rows[i] for i in mine]
+        shards.append(Shard(pack_rows(chosen) if pack else collate(chosen, pad_id, width), weight))
     return shards

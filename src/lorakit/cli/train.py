@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute the training loss from the full logits (default: in chunks, lorakit.loss; same numbers, "
         "the (B, T, vocab) logits never built)",
     )
+    tr.add_argument(
+        "--no-packing",
+        dest="packing",
+        action="store_false",
+        help="pad each micro-batch to its longest sequence (default: its sequences in one padding-free row with "
+        "position_ids restarting per sequence, where the model keeps them apart; same losses, no compute on pads)",
+    )
     ranks = parser.add_argument_group("several processes (DDP by default; see docs/distributed.md)")
     ranks.add_argument(
         "--nproc",
@@ -221,7 +228,19 @@ def _settings(args: argparse.Namespace, n_rows: int) -> Any:
         eval_every=args.eval_every,
         cuda_graph=args.cuda_graph,
         fused_loss=getattr(args, "fused_loss", True),
+        packing=getattr(args, "packing", True) and not args.cuda_graph,  # a CUDA graph needs one shape
     )
+
+
+def _check_packing(model: Any, settings: Any) -> None:
+    """Packing stays on only where the model keeps packed sequences apart (one small probe forward); else a warning
+    naming the reason, and padded batches."""
+    from .packing import packing_reason
+
+    reason = packing_reason(model) if settings.packing else None
+    if reason:
+        warnings.warn(f"packing off, batches padded: {reason} (--no-packing silences this)", stacklevel=3)
+        settings.packing = False
 
 
 def _eval_pairs(eval_examples: list, n: int) -> list[tuple[str, str]]:
@@ -282,6 +301,7 @@ def prepare(args: argparse.Namespace, world: Any = None) -> Run:
     if settings.cuda_graph and world.distributed:
         raise CliError("--cuda-graph runs in one process only; leave it out under torchrun / --nproc.")
     check_split(settings.batch_size, settings.grad_accum, len(train_rows), world.size)
+    _check_packing(model, settings)
     info = {
         "model": args.model,
         "lora": lora_kwargs(args) if payload is None else payload["run"]["lora"],
@@ -501,6 +521,7 @@ def _write_metrics(run: Run, state: Any, outcome: TrainOutcome) -> None:
         "steps": state.step,
         "tokens": state.tokens,
         "train_seconds": round(state.seconds, 2),
+        "tokens_per_second": round(state.tokens / state.seconds, 1) if state.seconds > 0 else None,  # real tokens
         "before": state.before,
         "after": {"loss": outcome.after.loss, "exact_match": _em_dict(outcome.after.exact_match)},
         "losses": state.losses,

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .data import Encoded, to_device
+from .packing import real_tokens
 from .progress import Progress
 from .ranks import World
 from .shards import step_shards
@@ -38,6 +39,7 @@ class TrainSettings:
     eval_every: int = 0
     cuda_graph: bool = False  # forward + backward replayed as a CUDA graph; batches padded to the longest row
     fused_loss: bool = True  # PeftModel.enable_fused_loss(): the loss in chunks, no full logits (lorakit.loss)
+    packing: bool = False  # each micro-batch one padding-free row with position_ids (cli.packing)
 
 
 def learning_rate(step: int, s: TrainSettings) -> float:
@@ -124,7 +126,10 @@ def _micro_step(model: nn.Module, s: TrainSettings) -> Callable[[dict, float], t
     zero). ``weight`` comes from ``shards.step_shards``."""
 
     def eager(batch: dict, weight: float) -> torch.Tensor:
-        loss = model(**batch).loss
+        # a packed row: no KV cache, whose presence makes transformers skip the per-sequence mask it reads from
+        # position_ids (the sequences would see each other)
+        options = {"use_cache": False} if "position_ids" in batch else {}
+        loss = model(**batch, **options).loss
         loss = loss * weight
         loss.backward()
         return loss.detach()
@@ -171,14 +176,14 @@ def _step(
     world, parallel = ctx["world"], ctx["parallel"]
     shards = step_shards(
         rows, step, batch_size=s.batch_size, grad_accum=s.grad_accum, seed=s.seed, pad_id=ctx["pad_id"],
-        rank=world.rank, world_size=world.size, width=ctx["width"],
+        rank=world.rank, world_size=world.size, width=ctx["width"], pack=s.packing,
     )  # fmt: skip
     loss_sum, tokens = 0.0, 0
     for i, shard in enumerate(shards):
         batch = to_device(shard.batch, ctx["device"])
         with parallel.accumulating(last=i == len(shards) - 1):
             loss_sum += micro_step(batch, shard.weight).item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += real_tokens(batch)
     return loss_sum, tokens
 
 
