@@ -216,7 +216,8 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/eva.py:221, 237, 322, 549",
         "EVA data collection edge cases",
         "UserWarning",
-        "not done: lorakit is silent in these cases",
+        "warns (distributed and unmovable inputs: test_eva_notes_...; a model on several devices and layers left "
+        "at the default init: lorakit's own wording, not compared here)",
     ),
     (
         "bnb_merge_rounding",
@@ -914,7 +915,12 @@ def test_table_and_cases_agree():
     ids = [row[0] for row in TABLE]
     assert len(ids) == len(set(ids)) >= 60
     warns = {name for name, status in STATUS.items() if status.startswith("warns")}
-    assert warns == set(CASES) | {"missing_keys_on_load", "path_initial_non_pissa", "bnb_merge_rounding"}
+    assert warns == set(CASES) | {
+        "missing_keys_on_load",
+        "path_initial_non_pissa",
+        "bnb_merge_rounding",
+        "eva_devices, eva_inputs, eva_distributed, eva_missing",
+    }
     assert all(re.match(r"(warns|tested elsewhere: |n/a: |not done)", s) for s in STATUS.values()), STATUS
 
 
@@ -966,3 +972,30 @@ def test_merging_into_quantised_layers_warns_about_rounding(bits, tmp_path):
         assert not _hits(_record(model.unmerge_adapter), unmerge_text, "UserWarning")  # nothing merged
         assert _hits(_record(model.merge_adapter), merge_text, "UserWarning"), lib.__name__
         assert _hits(_record(model.unmerge_adapter), unmerge_text, "UserWarning"), lib.__name__
+
+
+def _eva_state(lib, data):
+    config = _cfg(lib, target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="eva", eva_config=lib.EvaConfig())
+    return _record(lambda: lib.get_eva_state_dict(tiny_llama(), data, config, show_progress_bar=False))
+
+
+def _batches(extra: dict) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(1, 96, (2, 8), generator=g), **extra} for _ in range(4)]
+
+
+def test_eva_notes_on_distributed_runs_and_unmovable_inputs():
+    """eva_distributed and eva_inputs: a one-process gloo group, and a batch value that is neither tensor nor
+    container (peft warns for it, as lorakit now)."""
+    import torch.distributed as dist
+
+    for lib in (peft, lorakit):
+        assert not _hits(_eva_state(lib, _batches({})), "torch.distributed is initialized", "UserWarning")
+        hits = _hits(_eva_state(lib, _batches({"note": "text"})), "could not be moved", "UserWarning")
+        assert hits, lib.__name__
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
+    try:
+        for lib in (peft, lorakit):
+            assert _hits(_eva_state(lib, _batches({})), "torch.distributed is initialized", "UserWarning"), lib.__name__
+    finally:
+        dist.destroy_process_group()

@@ -110,6 +110,7 @@ def _to_device(inputs: object, device: torch.device | None) -> object:
         return type(inputs)({k: _to_device(v, device) for k, v in inputs.items()})
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to_device(v, device) for v in inputs)
+    warnings.warn(f"input of type {type(inputs)} could not be moved to the correct device", stacklevel=2)  # as PEFT
     return inputs
 
 
@@ -336,6 +337,14 @@ def get_eva_state_dict(
         raise ValueError("EVA needs a dataloader of model inputs to compute the layer statistics; got None.")
     if hasattr(dataloader, "__len__") and len(dataloader) == 0:
         raise ValueError("EVA got an empty dataloader; it needs at least one batch.")
+    import torch.distributed as dist
+
+    if gather_distributed_inputs and dist.is_available() and dist.is_initialized():  # PEFT's note
+        warnings.warn(
+            "torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA initialization "
+            "will gather tensors from all ranks. Ensure the model does not receive the same inputs on different ranks.",
+            stacklevel=2,
+        )
     targets = _eva_targets(model, peft_config, adapter_name, is_peft)
     if not targets:
         raise ValueError(f"EVA found no linear layers to initialise (adapter {adapter_name!r}).")
