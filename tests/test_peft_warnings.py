@@ -167,7 +167,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "lora/model.py:1081",
         'converting an adapter named "pissa*" on a quantised base',
         "UserWarning",
-        "not done: lorakit is silent",
+        "warns",
     ),
     (
         "path_initial_non_pissa",
@@ -605,6 +605,14 @@ def _load_next_to(lib, tmp, init):
     model.load_adapter(tmp, adapter_name="other")
 
 
+def _pissa_on_quantised(lib, tmp, folder):
+    base = MLP()
+    base.register_parameter("q", nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False))  # "quantised"
+    model = lib.get_peft_model(base, _cfg(lib, target_modules=["lin0"], init_lora_weights="pissa", r=2))
+    model.save_pretrained(os.path.join(tmp, folder))
+    model.save_pretrained(os.path.join(tmp, "out"), path_initial_model_for_weight_conversion=os.path.join(tmp, folder))
+
+
 def _merge(lib, again):
     model = _two_adapters(lib)
     model.base_model.merge_adapter(["default"])
@@ -744,6 +752,9 @@ CASES: dict[str, Case] = {
         ("pissa",),
         (True,),
         tmp=True,
+    ),
+    "pissa_quantised_conversion": Case(
+        _pissa_on_quantised, _UW, "Quant(W_res) + AB", "Quant(W_res) + AB", ("pissa_init",), ("init",), tmp=True
     ),
     "bias_disable": Case(
         lambda lib, bias: lib.get_peft_model(

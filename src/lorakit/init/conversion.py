@@ -11,6 +11,7 @@ saved right after initialisation, before training.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from typing import Any
@@ -39,6 +40,7 @@ def converted_state_dicts(
             f"selected_adapters {unknown} do not exist; existing adapters: {sorted(peft_model.peft_config)}."
         )
     saved = read_adapter_weights(path_initial_model)
+    _warn_quantised_pissa(peft_model, str(path_initial_model))
     initial = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in saved.items()}
     state_dicts, overrides = {}, {}
     for name in names:
@@ -48,6 +50,20 @@ def converted_state_dicts(
         current = restore_saved_base_weights(peft_model, name, current, initial)
         state_dicts[name] = concat_with_initial(current, initial, str(path_initial_model))
     return state_dicts, overrides
+
+
+def _warn_quantised_pissa(peft_model, path_initial_model: str) -> None:
+    """PEFT's note (same condition: the initial adapter's folder is named pissa*, the model holds non-float
+    parameters): the converted LoRA reproduces the fine-tuned model only up to quantisation error."""
+    if not os.path.basename(os.path.normpath(path_initial_model)).startswith("pissa"):
+        return
+    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in peft_model.parameters()):
+        warnings.warn(
+            r"Note that Quant(W_res) + AB != Quant(W) + \Delta(AB); the converted LoRA, when combined with W or "
+            "Quant(W), may introduce a certain gap in the fine-tuned model. Therefore, we recommend directly using "
+            "the Quant(W_res) in conjunction with the PiSSA adapter.",
+            stacklevel=4,
+        )
 
 
 def converted_config(config, adapter_name: str) -> dict[str, Any]:
