@@ -4,7 +4,8 @@ widely spread lengths, padded vs packed, tokens per second of real (non-pad) tok
 The data: ``--rows`` sequences of random token ids whose lengths are drawn log-uniform in [16, 1024] (seeded), with
 labels on every token (plain text). The model: the bundled demo model's shape (a 4-layer Llama, hidden 256,
 intermediate 640, 4 heads, vocabulary 260; lorakit/demo_assets/model) with 1024 positions, randomly initialised,
-float32, SDPA attention, LoRA r=8 alpha=16 on all linear layers, fused loss on, as ``lorakit train`` builds it.
+float32, SDPA attention, LoRA r=8 alpha=16 on all linear layers, fused loss on, as ``lorakit train`` builds it
+(packed: SDPA once per sequence of the row, ``lorakit.integrations.packed_sdpa``).
 
 Both runs see the same batches (``--batch-size`` rows per step, the same order), so the same real tokens; only
 the layout differs: padded to each batch's longest row (``--no-packing``) or one padding-free row with
@@ -29,6 +30,7 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.cli.data import Encoded
+from lorakit.cli.packing import use_packing
 from lorakit.cli.progress import NoProgress
 from lorakit.cli.train_state import TrainState
 from lorakit.cli.trainer import TrainSettings, make_optimizer, train_steps
@@ -47,7 +49,7 @@ def log_uniform_rows(n: int, low: int, high: int, vocab: int, seed: int) -> list
     return rows
 
 
-def build(seed: int):
+def build(seed: int, packing: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -56,6 +58,8 @@ def build(seed: int):
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                                 task_type="CAUSAL_LM"))  # fmt: skip
     model.enable_fused_loss()
+    if packing:  # as lorakit train: SDPA per sequence of a packed row (lorakit.integrations.packed_sdpa), checked
+        assert use_packing(model) is None
     return model
 
 
@@ -63,7 +67,7 @@ def run(rows: list[Encoded], packing: bool, args: argparse.Namespace) -> tuple[f
     """(real tokens per wall second, real tokens per CPU second over the timed steps, their real tokens, their
     losses). CPU time: this process's (``--threads 1``, the default: on a shared machine it leaves out the time
     spent waiting for a core)."""
-    model = build(args.seed)
+    model = build(args.seed, packing)
     settings = TrainSettings(lr=1e-3, max_steps=args.warmup, batch_size=args.batch_size, packing=packing)
     optimizer = make_optimizer(model, settings)
     state = TrainState()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lorakit.cli import demo, train
 from lorakit.cli.data import IGNORE_INDEX, Encoded, batch_indices, collate
-from lorakit.cli.packing import pack, packing_reason, real_tokens
+from lorakit.cli.packing import pack, packing_reason, real_tokens, use_packing
 from lorakit.cli.trainer import TrainSettings
 
 
@@ -101,13 +101,16 @@ def _per_sequence_losses(logits, labels, lengths):
     return torch.stack(losses)
 
 
-def test_packed_rows_give_each_sequence_its_own_loss(model_dir):
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["packed_sdpa", "sdpa_block_mask"])
+def test_packed_rows_give_each_sequence_its_own_loss(model_dir, per_sequence):
     from lorakit import LoraConfig, get_peft_model
 
     base = load_tiny(model_dir)
     assert base.config._attn_implementation == "sdpa"
-    assert packing_reason(base) is None
+    assert packing_reason(base) is None  # transformers' own SDPA path: a block-diagonal mask
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if per_sequence:  # what lorakit train uses: SDPA once per sequence (integrations.packed_sdpa)
+        assert use_packing(model) is None and base.config._attn_implementation == "lorakit_packed_sdpa"
     model.train()  # the training call: a KV cache would make transformers drop the per-sequence mask
     lengths = [17, 4, 30, 9]
     rows = _rows(lengths)

@@ -12,6 +12,10 @@ cumulative lengths to flash attention, so every sequence attends to itself alone
 its loss, are the ones it gets alone; the batch loss (mean over trained tokens) is the padded batch's. Whether a
 model really keeps the sequences apart is not assumed: ``packing_reason`` checks it with one small forward, and
 ``lorakit train`` pads for a model that does not (with a warning naming the reason).
+
+SDPA with that N x N mask costs N^2 for the whole row, more than padding when lengths are spread; ``use_packing``
+therefore first switches an SDPA model to ``lorakit.integrations.packed_sdpa`` (SDPA once per sequence: the call
+each gets alone), then checks.
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ def real_tokens(batch: dict[str, Any]) -> int:
 
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2  # relative to the largest logit
+
+
+def use_packing(model: nn.Module) -> str | None:
+    """Prepare ``model`` for packed rows (SDPA per sequence, ``packed_sdpa``) and check it keeps them apart: None,
+    or the reason it does not (the model is then left as it was)."""
+    from ..integrations.packed_sdpa import use_packed_sdpa
+
+    previous = use_packed_sdpa(model)
+    reason = packing_reason(model)
+    if reason and previous is not None:
+        model.set_attn_implementation(previous)
+    return reason
 
 
 @torch.no_grad()

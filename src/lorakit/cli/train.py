@@ -233,11 +233,11 @@ def _settings(args: argparse.Namespace, n_rows: int) -> Any:
 
 
 def _check_packing(model: Any, settings: Any) -> None:
-    """Packing stays on only where the model keeps packed sequences apart (one small probe forward); else a warning
-    naming the reason, and padded batches."""
-    from .packing import packing_reason
+    """Packing stays on only where the model keeps packed sequences apart (an SDPA model attends per sequence,
+    ``integrations.packed_sdpa``; one small probe forward checks); else a warning naming the reason, and padding."""
+    from .packing import use_packing
 
-    reason = packing_reason(model) if settings.packing else None
+    reason = use_packing(model) if settings.packing else None
     if reason:
         warnings.warn(f"packing off, batches padded: {reason} (--no-packing silences this)", stacklevel=3)
         settings.packing = False
