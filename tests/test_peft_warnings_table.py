@@ -238,7 +238,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "tuners_utils.py:331",
         "the model already carries a `peft_config` attribute",
         "UserWarning",
-        "not done: lorakit keeps configs on its LoraModel, never on the user's model",
+        "warns (lorakit leaves the attribute alone; PEFT adds the new config to it)",
     ),
     (
         "bias_disable",
@@ -371,7 +371,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "peft_model.py:642",
         "adapter keys missing from the loaded checkpoint",
         "UserWarning",
-        "warns (seen in ignore_mismatched below)",
+        "warns",
     ),
     (
         "prompt_learning",
@@ -613,6 +613,26 @@ def _pissa_on_quantised(lib, tmp, folder):
     model.save_pretrained(os.path.join(tmp, "out"), path_initial_model_for_weight_conversion=os.path.join(tmp, folder))
 
 
+def _with_peft_config_attr(lib, has_attr, inject):
+    model = MLP()
+    if has_attr:
+        model.peft_config = {"earlier": lib.LoraConfig(target_modules=["lin1"])}
+    if inject:
+        lib.inject_adapter_in_model(_cfg(lib, target_modules=["lin0"]), model)
+    else:
+        lib.get_peft_model(model, _cfg(lib, target_modules=["lin0"]))
+
+
+def _missing_keys(lib, tmp, drop):
+    from safetensors.torch import load_file, save_file
+
+    lib.get_peft_model(MLP(), _cfg(lib, target_modules=["lin0"])).save_pretrained(tmp)
+    path = os.path.join(tmp, "adapter_model.safetensors")
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if not (drop and "lora_B" in k)}, path, metadata={"format": "pt"})
+    lib.PeftModel.from_pretrained(MLP(), tmp)
+
+
 def _merge(lib, again):
     model = _two_adapters(lib)
     model.base_model.merge_adapter(["default"])
@@ -755,6 +775,25 @@ CASES: dict[str, Case] = {
     ),
     "pissa_quantised_conversion": Case(
         _pissa_on_quantised, _UW, "Quant(W_res) + AB", "Quant(W_res) + AB", ("pissa_init",), ("init",), tmp=True
+    ),
+    "peft_config_attr": Case(
+        _with_peft_config_attr,
+        _UW,
+        "Already found a `peft_config`",
+        "Already found a `peft_config`",
+        (True, True),
+        (False, True),
+    ),
+    "peft_config_attr_get_peft_model": Case(
+        _with_peft_config_attr,
+        _UW,
+        "Already found a `peft_config`",
+        "Already found a `peft_config`",
+        (True, False),
+        (False, False),
+    ),
+    "missing_keys_on_load": Case(
+        _missing_keys, _UW, "missing adapter keys", "missing adapter keys", (True,), (False,), tmp=True
     ),
     "bias_disable": Case(
         lambda lib, bias: lib.get_peft_model(
@@ -926,8 +965,7 @@ def test_table_and_cases_agree():
     ids = [row[0] for row in TABLE]
     assert len(ids) == len(set(ids)) >= 60
     warns = {name for name, status in STATUS.items() if status.startswith("warns")}
-    assert warns == set(CASES) | {
-        "missing_keys_on_load",
+    assert warns == (set(CASES) - {"peft_config_attr_get_peft_model"}) | {
         "path_initial_non_pissa",
         "bnb_merge_rounding",
         "eva_devices, eva_inputs, eva_distributed, eva_missing",

@@ -65,9 +65,11 @@ def inject_adapter_in_model(
     With ``state_dict``, the modules to adapt are the ones its ``lora_*`` keys name (the values are not loaded; see
     ``lorakit.model.state_dict_targets``)."""
     from .model.inject import inject_lora, wrap_modules_to_save
+    from .model.peft_warnings import warn_existing_peft_config
     from .model.trainable import mark_trainable
     from .model.weight_tying import plan_weight_tying, tie_lora_factors, tie_saved_copies
 
+    warn_existing_peft_config(model)
     targeting = peft_config
     if state_dict is not None:
         from .model.state_dict_targets import config_for_state_dict

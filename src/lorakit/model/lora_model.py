@@ -72,6 +72,7 @@ class LoraModel(nn.Module):
         auto_modules_to_save: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
+        peft_warnings.warn_existing_peft_config(model)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]

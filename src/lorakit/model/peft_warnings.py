@@ -1,7 +1,7 @@
 """PEFT's warnings on adapter lifecycle conditions (same condition, same warning class; lorakit's wording).
 
 Each function checks one condition and warns; callers in ``lora_model.py`` / ``mapping.py`` stay one line each.
-The table of every PEFT LoRA warning and lorakit's status is in ``tests/test_peft_warnings.py``.
+The table of every PEFT LoRA warning and lorakit's status is in ``tests/test_peft_warnings_table.py``.
 """
 
 from __future__ import annotations
@@ -103,5 +103,17 @@ def warn_base_changing_with_others(configs: list) -> None:
             f"{name} changes the base weights of the model and should thus not be used with other adapters. "
             f"Consider converting the {name} adapter into a normal LoRA adapter (save_pretrained with "
             "path_initial_model_for_weight_conversion).",
+            stacklevel=4,
+        )
+
+
+def warn_existing_peft_config(model: nn.Module) -> None:
+    """The user's model already carries a ``peft_config`` attribute (transformers' own adapter integration, or code
+    that set one): PEFT adds the new adapter's config to it; lorakit keeps its configs on its LoraModel."""
+    if hasattr(model, "peft_config"):
+        warnings.warn(
+            "Already found a `peft_config` attribute in the model. This will lead to having multiple adapters in the "
+            "model (lorakit keeps the new adapter's config on its own LoraModel and leaves that attribute as it is). "
+            "Make sure to know what you are doing!",
             stacklevel=4,
         )
