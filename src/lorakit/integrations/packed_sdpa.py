@@ -69,12 +69,12 @@ def packed_sdpa_attention_forward(
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("is_causal", "position_ids")}
-    bounds = [*starts, query.shape[2]]
+    lengths = [e - s for s, e in itertools.pairwise([*starts, query.shape[2]])]
+    # split, not one slice per sequence: a slice's backward writes a zero-filled (1, H, N, D) gradient each
     pieces = [
-        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True,
-                               **kwargs)[0]
-        for s, e in itertools.pairwise(bounds)
-    ]  # fmt: skip
+        sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
     return torch.cat(pieces, dim=1), None  # (1, N, H, D)
 
 
