@@ -41,7 +41,8 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "mapping_func.py:154",
         "config's base_model_name_or_path differs from the model's name",
         "UserWarning",
-        "warns (and, as PEFT, writes the model's name)",
+        "n/a: lorakit keeps the base_model_name_or_path the config gives (PEFT replaces it with the model's name "
+        "and warns); test_base_model_name_is_kept_not_renamed",
     ),
     (
         "revision_overwrite",
@@ -530,12 +531,6 @@ def _save(model, **kwargs):
         model.save_pretrained(folder, **kwargs)
 
 
-def _renamed(lib, old):
-    model = tiny_llama()
-    model.name_or_path = "new/name"
-    lib.get_peft_model(model, _cfg(lib, target_modules=["q_proj"], base_model_name_or_path=old))
-
-
 def _resized(lib, tmp, grow):
     from transformers import AutoModelForCausalLM
 
@@ -659,9 +654,6 @@ CASES: dict[str, Case] = {
         "modify a model with PEFT for a second time",
         (True,),
         (False,),
-    ),
-    "base_name_renamed": Case(
-        _renamed, _UW, "was renamed from 'old/name'", "was renamed from 'old/name'", ("old/name",), ("new/name",)
     ),
     "revision_overwrite": Case(
         lambda lib, rev: lib.get_peft_model(MLP(), _cfg(lib, target_modules=["lin0"], revision="v1"), revision=rev),
@@ -1048,3 +1040,16 @@ def test_eva_notes_on_distributed_runs_and_unmovable_inputs():
             assert _hits(_eva_state(lib, _batches({})), "torch.distributed is initialized", "UserWarning"), lib.__name__
     finally:
         dist.destroy_process_group()
+
+
+def test_base_model_name_is_kept_not_renamed():
+    """Deliberate difference: PEFT replaces a base_model_name_or_path the config gives by the model's own name (with
+    a warning); lorakit keeps it silently (the CLI records the --model the user typed) and fills it only when None."""
+    for lib in (peft, lorakit):
+        model = tiny_llama()
+        model.name_or_path = "new/name"
+        config = _cfg(lib, target_modules=["q_proj"], base_model_name_or_path="old/name")
+        seen = _record(partial(lib.get_peft_model, model, config))
+        renamed = _hits(seen, "was renamed from 'old/name'", "UserWarning")
+        assert bool(renamed) is (lib is peft)
+        assert config.base_model_name_or_path == ("new/name" if lib is peft else "old/name")

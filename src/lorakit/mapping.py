@@ -37,9 +37,9 @@ def get_peft_model(
     from .model.peft_warnings import warn_get_peft_model_settings
 
     model_config = getattr(model, "config", None)
-    new_name = getattr(model, "name_or_path", None) or getattr(model_config, "name_or_path", None) or None
-    warn_get_peft_model_settings(peft_config, new_name, revision, low_cpu_mem_usage)
-    peft_config.base_model_name_or_path = new_name  # as PEFT: the model's own name wins (with a warning above)
+    warn_get_peft_model_settings(peft_config, revision, low_cpu_mem_usage)
+    if peft_config.base_model_name_or_path is None:  # a name the caller set is kept (PEFT replaces it, warning)
+        peft_config.base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
     if revision is not None:
         peft_config.revision = revision
     cls = peft_model_class(peft_config)

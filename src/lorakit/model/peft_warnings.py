@@ -65,16 +65,10 @@ def warn_nothing_merged() -> None:
     warnings.warn("Already unmerged. Nothing to do.", stacklevel=3)
 
 
-def warn_get_peft_model_settings(config, new_name: str | None, revision: str | None, low_cpu_mem_usage: bool) -> None:
-    """get_peft_model's three notes: the config's base model name replaced by the model's, its revision replaced,
-    EVA without ``low_cpu_mem_usage``."""
-    old_name = config.base_model_name_or_path
-    if old_name is not None and old_name != new_name:
-        warnings.warn(
-            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}' (the "
-            "model's own name). Please ensure that the correct base model is loaded when loading this checkpoint.",
-            stacklevel=3,
-        )
+def warn_get_peft_model_settings(config, revision: str | None, low_cpu_mem_usage: bool) -> None:
+    """get_peft_model's notes: the config's revision replaced, EVA without ``low_cpu_mem_usage``. (PEFT's third, a
+    ``base_model_name_or_path`` replaced by the model's name, has no lorakit counterpart: lorakit keeps the name the
+    config gives and fills it from the model only when it is None.)"""
     if revision is not None and config.revision is not None and config.revision != revision:
         warnings.warn(
             f"peft config has already set base model revision to {config.revision}, overwriting with revision "
