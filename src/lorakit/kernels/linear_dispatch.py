@@ -67,6 +67,31 @@ def _single_plain_adapter(layer: Linear) -> tuple[str, AdapterRecord, nn.Linear,
     return None if factors is None else (name, record, *factors)
 
 
+def call_allows_fast_path(layer: Linear) -> bool:
+    """The per-call conditions every fused Linear path shares (plain and quantised bases): fast paths on, adapters
+    enabled and unmerged, no mixed-batch routing, no global module hooks, not inside torch.compile (compiled graphs
+    take the reference path, which the compiler fuses itself)."""
+    if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
+        return False
+    return current_routing() is None and not global_hooks_present() and not torch.compiler.is_compiling()
+
+
+def active_factors(
+    layer: Linear, x: torch.Tensor
+) -> tuple[str, AdapterRecord, float, torch.Tensor, torch.Tensor] | None:
+    """(name, record, dropout probability, A (r, in), B (out, r)) of the single active adapter a fused node can run
+    on ``x``'s device (``_single_plain_adapter``, a known dropout), else None."""
+    found = _single_plain_adapter(layer)
+    if found is None:
+        return None
+    name, record, a_module, b_module = found
+    p = dropout_probability(_submodule(layer, "lora_dropout")._modules[name])
+    if p is None:
+        return None
+    lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
+    return None if lora_a.device != x.device else (name, record, p, lora_a, lora_b)
+
+
 def _base_weight(layer: Linear, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight as (out, in), bias) of a base the fused node can compute: a plain nn.Linear, or transformers' Conv1D
     (GPT-2; its (in, out) weight as a transposed view, no copy); else None."""
@@ -94,12 +119,8 @@ class FusedPlan(NamedTuple):
 def fused_plan(layer: Linear, x: torch.Tensor) -> FusedPlan | None:
     """``layer``'s ``FusedPlan`` on ``x``, or None when the reference path must run (the module docstring lists
     the conditions)."""
-    if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
+    if not call_allows_fast_path(layer):
         return None
-    if current_routing() is not None or global_hooks_present():
-        return None
-    if torch.compiler.is_compiling():
-        return None  # compiled graphs take the reference path, which the compiler fuses itself
     base_params = _base_weight(layer, _submodule(layer, "base_layer"))
     if base_params is None:
         return None
@@ -108,16 +129,10 @@ def fused_plan(layer: Linear, x: torch.Tensor) -> FusedPlan | None:
         return None
     if autocast_active(x.device) and not autocast_keeps_dtype(x):
         return None  # autocast would cast x or W: the reference path, under autocast
-    found = _single_plain_adapter(layer)
-    if found is None:
+    factors = active_factors(layer, x)
+    if factors is None:
         return None
-    name, record, a_module, b_module = found
-    p = dropout_probability(_submodule(layer, "lora_dropout")._modules[name])
-    if p is None:
-        return None
-    lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
-    if lora_a.device != x.device:
-        return None
+    name, record, p, lora_a, lora_b = factors
     graph = p > 0.0 or (
         torch.is_grad_enabled()
         and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)

@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ..routing import current_routing
 from .adapter_stack import cast_factors
-from .eligibility import autocast_active, dropout_probability, global_hooks_present
-from .linear_dispatch import _single_plain_adapter, _submodule
+from .eligibility import autocast_active
+from .linear_dispatch import active_factors, call_allows_fast_path
 from .quantised_linear import QuantisedBase, quantised_lora, quantised_lora_inference
 from .shared_inputs import kept_output, shared_forward
-from .switch import fast_paths_enabled
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -43,9 +41,7 @@ class QuantisedPlan(NamedTuple):
 def quantised_plan(layer: Linear, x: torch.Tensor) -> QuantisedPlan | None:
     """``layer``'s ``QuantisedPlan`` on ``x``, or None when the reference path must run (see the module docstring).
     A layer without ``quantised_base`` (a plain Linear in the same shared-input run) gets None."""
-    if not fast_paths_enabled() or layer._disable_adapters or layer.merged_adapters:
-        return None
-    if current_routing() is not None or global_hooks_present() or torch.compiler.is_compiling():
+    if not call_allows_fast_path(layer):
         return None
     if not x.dtype.is_floating_point or autocast_active(x.device):
         return None
@@ -53,16 +49,10 @@ def quantised_plan(layer: Linear, x: torch.Tensor) -> QuantisedPlan | None:
     base = None if base_of is None else base_of(layer, x)
     if base is None:
         return None
-    found = _single_plain_adapter(layer)
-    if found is None or found[1].variant is not None:
+    factors = active_factors(layer, x)
+    if factors is None or factors[1].variant is not None:
         return None
-    name, record, a_module, b_module = found
-    p = dropout_probability(_submodule(layer, "lora_dropout")._modules[name])
-    if p is None:
-        return None
-    lora_a, lora_b = a_module.__dict__["_parameters"]["weight"], b_module.__dict__["_parameters"]["weight"]
-    if lora_a.device != x.device:
-        return None
+    name, record, p, lora_a, lora_b = factors
     graph = p > 0.0 or (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad))
     return QuantisedPlan(name, record, base, lora_a, lora_b, p, graph)
 
