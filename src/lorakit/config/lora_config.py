@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .field_checks import check_fields
-from .peft_config import PeftConfigMixin
+from .peft_config import PeftConfigMixin, read_json_object
 from .sub_configs import SUB_CONFIGS, ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraRuntimeConfig
 from .task_type import PeftType, TaskType
 
@@ -307,14 +307,7 @@ class LoraConfig(PeftConfigMixin):
         hub_keys = {"revision", "cache_dir", "local_files_only", "token", "force_download"}
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in hub_keys}
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}.") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err}); an adapter config is UTF-8 JSON.") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        data = read_json_object(path)
         data.update(kwargs)
         return cls.from_dict(data)
 

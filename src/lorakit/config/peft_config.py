@@ -18,6 +18,21 @@ from typing import Any
 
 from .task_type import PeftType, TaskType
 
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the config file ``path``; ValueError naming the path for bad JSON, non-UTF-8 text or
+    anything but an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}.") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); an adapter config is UTF-8 JSON.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
 CONFIG_FILE = "adapter_config.json"
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "repo_type")
 
@@ -53,14 +68,7 @@ class PeftConfigMixin:
         """The parsed JSON object of a config file (a dict, as in PEFT), ``runtime_config`` removed with a warning."""
         del kwargs
         path = Path(path_json_file)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}.") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err}); an adapter config is UTF-8 JSON.") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        data = read_json_object(path)
         if "runtime_config" in data:
             warnings.warn(
                 f"{path} contains a runtime_config; it is ignored (runtime settings only apply at runtime).",

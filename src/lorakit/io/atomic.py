@@ -27,14 +27,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _final_mode(target))
+        os.chmod(tmp, final_mode(target))
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _final_mode(target: Path) -> int:
+def final_mode(target: Path) -> int:
     """Permission bits for the file replacing ``target``: its current ones, or 0666 minus the process umask."""
     try:
         return stat.S_IMODE(target.stat().st_mode)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..config import CONFIG_NAME
+from .atomic import final_mode
 
 STAGING_PREFIX = ".lorakit-save-"
 COMMIT_PREFIX = ".lorakit-commit-"
@@ -150,16 +150,6 @@ def settle(folder: Path, weights_names: tuple[str, ...]) -> None:
         ) from None
 
 
-def _final_mode(target: Path) -> int:
-    """Permission bits for the file replacing ``target``: its current ones, or 0666 minus the process umask."""
-    try:
-        return stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
 def _stage(folder: Path, writers: Mapping[str, Writer]) -> Path:
     _step("mkdir:staging")
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".tmp", dir=folder))
@@ -167,7 +157,7 @@ def _stage(folder: Path, writers: Mapping[str, Writer]) -> Path:
         for name, writer in writers.items():
             _step(f"write:{name}")
             writer(staging / name)
-            os.chmod(staging / name, _final_mode(folder / name))
+            os.chmod(staging / name, final_mode(folder / name))
             _step(f"fsync:{name}")
             _fsync_path(staging / name)
         _step("fsync:staging")
