@@ -207,6 +207,17 @@ def test_lora_on_the_output_head_is_refused(tmp_path):
         _sft(SFTTrainer, model, tmp_path)
 
 
+def test_lora_on_the_output_head_is_refused_for_a_model_id_too(tmp_path):
+    with pytest.raises(ValueError, match="output head"):
+        SFTTrainer(
+            model=DEMO_MODEL,
+            args=trl.SFTConfig(**common_args(tmp_path)),
+            train_dataset=sft_dataset(),
+            processing_class=tokenizer(),
+            peft_config=lorakit.LoraConfig(target_modules=["q_proj", "lm_head"]),
+        )
+
+
 def test_trl_own_trainer_with_a_lorakit_model_is_refused_at_construction(tmp_path):
     model = lorakit.get_peft_model(base_model(), lorakit_config())
     with pytest.raises(TypeError, match=r"SFTTrainer was given a lorakit model.*lorakit\.integrations\.trl"):

@@ -97,25 +97,28 @@ class LorakitTRLMixin(LorakitTrainerMixin):
         state = SeamState(wrap_policy=None, make_reference=self._lorakit_reference)
         if config is not None:
             self._refuse_added_tokens(trl_args)
-            wrap = self._lorakit_wrapper(config, trl_args)
+            wrap = self._lorakit_wrapper(config, trl_args, call.get("ref_model"))
             if isinstance(model, str):
-                state.wrap_policy = wrap
+                state.wrap_policy = wrap  # TRL loads the model from the id, the seam wraps it at once
             else:
                 call["model"] = model = wrap(model)
+        elif lorakit_model(model) is not None:
+            self._prepare_policy(lorakit_model(model), call.get("ref_model"), trl_args)
         state.policy = lorakit_model(model)
-        if state.policy is not None:
-            self._prepare_policy(state.policy, call.get("ref_model"), trl_args)
         with constructor_seam(type(self), state):
             super().__init__(**call, fused_loss=fused_loss)
-        self.lorakit_references = state.references
 
     # ------------------------------------------------------------------ before TRL's constructor
-    def _lorakit_wrapper(self, config: LoraConfig, trl_args: Any):
+    def _lorakit_wrapper(self, config: LoraConfig, trl_args: Any, ref_model: nn.Module | None):
+        """The base -> policy step: ``get_peft_model`` and the policy's checks (also for a model TRL loads by id)."""
+
         def wrap(model: nn.Module) -> PeftModel:
             quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
             # ZeRO-3 gathers parameters in the dtype of the first one: adapters in the base dtype, as TRL does for peft
             autocast = not (_zero3(trl_args) and not quantized)
-            return get_peft_model(model, config, autocast_adapter_dtype=autocast)
+            policy = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+            self._prepare_policy(policy, ref_model, trl_args)
+            return policy
 
         return wrap
 

@@ -22,7 +22,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -41,7 +41,6 @@ class SeamState:
     wrap_policy: Callable[[nn.Module], PeftModel] | None
     make_reference: Callable[[PeftModel], AdapterReference]
     policy: PeftModel | None = None
-    references: list[AdapterReference] = field(default_factory=list)
 
 
 def _fused_head(original: Callable[..., Any], state: SeamState) -> Callable[..., Any]:
@@ -61,9 +60,7 @@ def _create_model(original: Callable[..., Any], state: SeamState) -> Callable[..
             return state.policy
         if state.policy is None:
             return original(*args, **kwargs)  # no lorakit policy: TRL's own behaviour
-        reference = state.make_reference(state.policy)
-        state.references.append(reference)
-        return reference
+        return state.make_reference(state.policy)
 
     return create_model_from_path
 
